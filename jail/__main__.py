@@ -1,0 +1,3 @@
+from jail.cli import run
+
+run()

@@ -1,0 +1,96 @@
+"""The request log (httpjail's line format) and the JSON audit log.
+
+Each record is one `os.write` on an O_APPEND descriptor: lines from concurrent requests (and
+from other jails sharing the file) never interleave, and nothing waits in a buffer to be lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timezone
+from pathlib import Path
+
+from jail.model import Decision, JailError, Request
+
+
+def rfc3339_ms(timestamp: float) -> str:
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+class AppendOnlyFile:
+    def __init__(self, path: Path, option: str) -> None:
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise JailError(f"{option}: cannot open {path}: {exc.strerror}") from None
+
+    def write_line(self, line: str) -> None:
+        os.write(self.fd, (line + "\n").encode())
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass
+class Outcome:
+    """What happened after the decision: the status the client got and the bytes moved."""
+
+    status: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    duration_ms: float = 0.0
+    error: str = ""
+
+
+class AuditSink:
+    """Writes one line per judged request to each configured log."""
+
+    def __init__(
+        self,
+        jail_id: str,
+        request_log: Path | None = None,
+        audit_log: Path | None = None,
+        include_header_values: bool = False,
+    ) -> None:
+        self.jail_id = jail_id
+        self.include_header_values = include_header_values
+        self.request_log = AppendOnlyFile(request_log, "--request-log") if request_log else None
+        self.audit_log = AppendOnlyFile(audit_log, "--audit-log") if audit_log else None
+
+    def record(self, started: float, request: Request, decision: Decision, outcome: Outcome) -> None:
+        if self.request_log is not None:
+            mark = "+" if decision.allow else "-"
+            self.request_log.write_line(f"{rfc3339_ms(started)} {mark} {request.method} {request.url}")
+        if self.audit_log is not None:
+            self.audit_log.write_line(json.dumps(self._audit_record(started, request, decision, outcome)))
+
+    def _audit_record(self, started: float, request: Request, decision: Decision, outcome: Outcome) -> dict:
+        fields = request.to_dict()
+        if not self.include_header_values:
+            fields["headers"] = sorted(request.headers)
+        record = {
+            "time": rfc3339_ms(started),
+            "jail_id": self.jail_id,
+            **fields,
+            "decision": "allow" if decision.allow else "deny",
+            "reason": decision.reason,
+            "reason_code": decision.reason_code,
+            "engine": decision.engine,
+            "rule_us": decision.rule_us,
+            "max_tx_bytes": decision.max_tx_bytes,
+            "status": outcome.status,
+            "bytes_up": outcome.bytes_up,
+            "bytes_down": outcome.bytes_down,
+            "duration_ms": round(outcome.duration_ms, 3),
+        }
+        if outcome.error:
+            record["error"] = outcome.error
+        return record
+
+    def close(self) -> None:
+        for log in (self.request_log, self.audit_log):
+            if log is not None:
+                log.close()

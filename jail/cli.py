@@ -1,0 +1,198 @@
+"""`jail [OPTIONS] -- CMD [ARGS...]`: flags become one JailConfig; bad input becomes one line on stderr."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from jail import __version__
+from jail.model import JailError, Request
+from jail.policies import RuleSpec
+from jail.session import JailConfig, Session, check_rule
+
+USAGE_EXIT_STATUS = 2
+# Like timeout(1) and docker run: jail's own failure is told apart from the command's exit codes.
+JAIL_FAILURE_EXIT_STATUS = 125
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+
+
+def split_test_option(argv: list[str]) -> list[str]:
+    """`--test [METHOD] URL` takes one or two values, which click cannot say; rewrite it first."""
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token == "--":
+            return out + argv[index:]
+        if token == "--test":
+            values = argv[index + 1 : index + 3]
+            if values and values[0].upper() in HTTP_METHODS and len(values) == 2:
+                out += ["--test-method", values[0], "--test-url", values[1]]
+                index += 3
+                continue
+            if not values or values[0].startswith("-"):
+                raise click.UsageError("--test needs a URL: --test [METHOD] URL")
+            out += ["--test-url", values[0]]
+            index += 2
+            continue
+        out.append(token)
+        index += 1
+    return out
+
+
+def parse_listen(value: str, public: bool) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT", param_hint="--listen")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise click.BadParameter(f"bad port {port_text!r} (1-65535)", param_hint="--listen")
+    host = host.strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not public:
+        raise click.BadParameter(
+            f"{host} is not a loopback address; add --listen-public to expose the proxy", param_hint="--listen"
+        )
+    return host, int(port_text)
+
+
+def rule_spec(js: str | None, js_file: str | None, sh: str | None, proc: str | None, timeout: float | None) -> RuleSpec:
+    given = [(kind, value) for kind, value in (("js", js), ("js_file", js_file), ("sh", sh), ("proc", proc)) if value]
+    if len(given) > 1:
+        names = ", ".join("--" + kind.replace("_", "-") for kind, _ in given)
+        raise click.UsageError(f"give exactly one rule, not {names}")
+    if timeout is not None and timeout <= 0:
+        raise click.BadParameter("must be positive", param_hint="--rule-timeout")
+    if not given:
+        return RuleSpec(timeout=timeout)
+    kind, source = given[0]
+    return RuleSpec(kind, source, timeout)  # type: ignore[arg-type]
+
+
+def configure_logging(verbosity: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("jail: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(verbosity, 2)])
+    # mitmproxy's own connection chatter only at -vv.
+    logging.getLogger("mitmproxy").setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
+
+
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@click.command(context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]})
+@click.option("--js", metavar="CODE", help="JavaScript rule; the request is `r`.")
+@click.option("--js-file", type=EXISTING_FILE, help="JavaScript rule from a file (reloaded on change).")
+@click.option("--sh", metavar="SCRIPT", help="Shell rule, run per request; exit 0 allows.")
+@click.option("--proc", metavar="PROG", help="Long-lived rule program: JSON lines in, answers out.")
+@click.option("--rule-timeout", type=float, metavar="S", help="Per-request rule timeout (JS 0.1 s, others 5 s).")
+@click.option("--weak", is_flag=True, help="Environment variables only (no OS isolation).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="S",
+    help="Kill the command after S seconds (exit 124).",
+)
+@click.option(
+    "--request-log", type=click.Path(dir_okay=False, path_type=Path), help="Append `TIME +|- METHOD URL` lines."
+)
+@click.option(
+    "--audit-log", type=click.Path(dir_okay=False, path_type=Path), help="Append one JSON object per request."
+)
+@click.option("--log-header-values", is_flag=True, help="Put header values (not only names) in the audit log.")
+@click.option("--upstream-ca", type=EXISTING_FILE, help="Also trust this CA for upstream servers.")
+@click.option("--test", "test_flag", is_flag=True, hidden=True)
+@click.option("--test-url", hidden=True)
+@click.option("--test-method", hidden=True, default="GET")
+@click.option("--server", is_flag=True, help="Run only the proxy (127.0.0.1:8080 unless --listen).")
+@click.option("--listen", metavar="HOST:PORT", help="Address for --server.")
+@click.option("--listen-public", is_flag=True, help="Allow --listen on a non-loopback address.")
+@click.option("-v", "--verbose", count=True, help="Diagnostics on stderr (-vv for more).")
+@click.version_option(__version__, prog_name="jail")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def main(
+    js: str | None,
+    js_file: Path | None,
+    sh: str | None,
+    proc: str | None,
+    rule_timeout: float | None,
+    weak: bool,
+    timeout: float | None,
+    request_log: Path | None,
+    audit_log: Path | None,
+    log_header_values: bool,
+    upstream_ca: Path | None,
+    test_flag: bool,
+    test_url: str | None,
+    test_method: str,
+    server: bool,
+    listen: str | None,
+    listen_public: bool,
+    verbose: int,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND with every HTTP(S) request judged by a rule.
+
+    \b
+      jail --js "r.host === 'api.openai.com'" -- codex
+      jail --sh 'test "$JAIL_METHOD" = GET' -- curl https://example.com
+      jail --js "r.method === 'GET'" --test POST https://example.com
+
+    --test [METHOD] URL judges one request and exits 0 (allow) or 1 (deny).
+    """
+    configure_logging(verbose)
+    spec = rule_spec(js, str(js_file) if js_file else None, sh, proc, rule_timeout)
+    config = JailConfig(
+        command=list(command),
+        rule=spec,
+        weak=weak,
+        timeout=timeout,
+        request_log=request_log,
+        audit_log=audit_log,
+        log_header_values=log_header_values,
+        upstream_ca=upstream_ca,
+        server=server,
+    )
+    if test_url is not None:
+        try:
+            config.test_request = Request.from_url(test_url, test_method)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--test") from None
+        if command:
+            raise click.UsageError("--test takes no command")
+        sys.exit(asyncio.run(check_rule(config)))
+    if server:
+        if command:
+            raise click.UsageError("--server takes no command")
+        config.listen = parse_listen(listen or "127.0.0.1:8080", listen_public)
+    elif listen:
+        raise click.UsageError("--listen only goes with --server")
+    elif not command:
+        raise click.UsageError("no command given: jail [OPTIONS] -- COMMAND [ARGS...]")
+    sys.exit(asyncio.run(Session(config).run()))
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console entry point: every failure the user can fix is one line on stderr."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        main.main(split_test_option(args), prog_name="jail", standalone_mode=False)
+    except click.ClickException as exc:
+        click.echo(f"jail: error: {exc.format_message()} (see jail --help)", err=True)
+        sys.exit(USAGE_EXIT_STATUS)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except JailError as exc:
+        click.echo(f"jail: error: {exc}", err=True)
+        sys.exit(JAIL_FAILURE_EXIT_STATUS)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,143 @@
+"""The two types every room speaks: the `Request` a rule judges and the `Decision` it returns."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+class JailError(Exception):
+    """A mistake the user can fix: shown as one line on stderr, never as a traceback."""
+
+
+def normalize_host(host: str) -> str:
+    """Lower-case, no brackets, no trailing dot, IDNA (punycode) for non-ASCII names."""
+    host = host.strip().strip("[]").rstrip(".").lower()
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise ValueError(f"invalid host name {host!r}: {exc}") from None
+
+
+def format_authority(scheme: str, host: str, port: int) -> str:
+    """`host[:port]`, IPv6 in brackets, the scheme's default port left out."""
+    shown = f"[{host}]" if ":" in host else host
+    return shown if DEFAULT_PORTS.get(scheme) == port else f"{shown}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One HTTP request as a rule sees it. Every engine, both logs and `--test` use this."""
+
+    method: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    query: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    requester_ip: str = ""
+
+    @classmethod
+    def build(
+        cls,
+        method: str,
+        scheme: str,
+        host: str,
+        port: int | None,
+        path: str,
+        query: str = "",
+        headers: dict[str, str] | None = None,
+        requester_ip: str = "",
+    ) -> Request:
+        scheme = scheme.lower()
+        return cls(
+            method=method.upper(),
+            scheme=scheme,
+            host=normalize_host(host),
+            port=port if port is not None else DEFAULT_PORTS.get(scheme, 80),
+            path=path or "/",
+            query=query,
+            headers={k.lower(): v for k, v in (headers or {}).items()},
+            requester_ip=requester_ip,
+        )
+
+    @classmethod
+    def from_url(cls, url: str, method: str = "GET") -> Request:
+        """Parse `scheme://host[:port]/path?query`; raises ValueError with a readable message."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r} (expected e.g. https://example.com/path)")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"bad port in URL {url!r}") from None
+        return cls.build(method, parts.scheme, parts.hostname, port, parts.path, parts.query)
+
+    @property
+    def authority(self) -> str:
+        return format_authority(self.scheme, self.host, self.port)
+
+    @property
+    def url(self) -> str:
+        query = f"?{self.query}" if self.query else ""
+        return f"{self.scheme}://{self.authority}{self.path}{query}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The object a rule receives: every field plus `url`."""
+        fields = asdict(self)
+        fields["url"] = self.url
+        return fields
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What a rule answered, and what the log and the proxy need to act on it."""
+
+    allow: bool
+    reason: str = ""
+    reason_code: str = ""
+    engine: str = ""
+    max_tx_bytes: int | None = None
+    rule_us: int = 0
+
+    @classmethod
+    def allowed(cls, reason: str = "", max_tx_bytes: int | None = None) -> Decision:
+        return cls(True, reason, "rule_allow", max_tx_bytes=max_tx_bytes)
+
+    @classmethod
+    def denied(cls, reason: str, reason_code: str = "rule_deny") -> Decision:
+        return cls(False, reason, reason_code)
+
+    def stamped(self, engine: str, rule_us: int) -> Decision:
+        return replace(self, engine=engine, rule_us=rule_us)
+
+
+@dataclass(frozen=True)
+class ProxyEndpoint:
+    """Where the child reaches the proxy, and what it must trust."""
+
+    host: str
+    port: int
+    ca_cert: Path
+    ca_bundle: Path
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"

@@ -1,0 +1,61 @@
+"""Weak mode: the child is only steered by environment variables.
+
+Programs that honour HTTP(S)_PROXY go through the proxy; anything else (raw sockets,
+`curl --noproxy '*'`, Node's built-in fetch) goes straight out. Use a stronger backend to enforce.
+"""
+
+from __future__ import annotations
+
+from jail.model import ProxyEndpoint
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+# Each points at a bundle of the system CAs plus jail's, for clients that replace their trust list.
+CA_BUNDLE_VARIABLES = (
+    "SSL_CERT_FILE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "REQUESTS_CA_BUNDLE",
+    "PIP_CERT",
+    "DENO_CERT",
+    "npm_config_cafile",
+)
+NO_PROXY_ALWAYS = ("localhost", "127.0.0.1", "::1")
+
+
+def proxy_environment(base: dict[str, str], proxy: ProxyEndpoint, jail_id: str) -> dict[str, str]:
+    """The child's environment: the caller's, with proxy and CA settings that steer it to jail."""
+    env = dict(base)
+    for name in PROXY_VARIABLES:
+        env[name] = env[name.lower()] = proxy.url
+    existing = [entry.strip() for entry in (base.get("NO_PROXY") or base.get("no_proxy") or "").split(",")]
+    no_proxy = [entry for entry in existing if entry] + [n for n in NO_PROXY_ALWAYS if n not in existing]
+    env["NO_PROXY"] = env["no_proxy"] = ",".join(no_proxy)
+    for name in CA_BUNDLE_VARIABLES:
+        env[name] = str(proxy.ca_bundle)
+    # Node adds this to its built-in list, so the CA certificate alone is enough there.
+    env["NODE_EXTRA_CA_CERTS"] = str(proxy.ca_cert)
+    env["SSL_CERT_DIR"] = str(proxy.ca_bundle.parent)  # holds certificates only
+    env["JAIL_ID"] = jail_id
+    return env
+
+
+class WeakBackend:
+    name = "weak"
+
+    def __init__(self, jail_id: str) -> None:
+        self.jail_id = jail_id
+
+    def proxy_listen_host(self) -> str:
+        return "127.0.0.1"
+
+    async def prepare(self) -> None:
+        pass
+
+    def child_environment(self, base: dict[str, str], proxy: ProxyEndpoint) -> dict[str, str]:
+        return proxy_environment(base, proxy, self.jail_id)
+
+    def child_command(self, argv: list[str]) -> list[str]:
+        return argv
+
+    async def teardown(self) -> None:
+        pass

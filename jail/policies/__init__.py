@@ -1,0 +1,92 @@
+"""Rule engines behind one protocol. They know nothing of mitmproxy, namespaces or click."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from jail.model import Decision, JailError, Request
+
+logger = logging.getLogger("jail.rule")
+
+RuleKind = Literal["js", "js_file", "sh", "proc"]
+
+DEFAULT_TIMEOUTS: dict[str, float] = {"js": 0.1, "js_file": 0.1, "sh": 5.0, "proc": 5.0}
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """Which engine, its source (code, path, script or command line) and its per-request timeout."""
+
+    kind: RuleKind | None = None
+    source: str = ""
+    timeout: float | None = None
+
+    @property
+    def effective_timeout(self) -> float:
+        return self.timeout if self.timeout is not None else DEFAULT_TIMEOUTS.get(self.kind or "", 1.0)
+
+
+class Engine(Protocol):
+    name: str
+
+    async def start(self) -> None:
+        """Get ready; raise JailError if the rule cannot work at all (bad syntax, no program)."""
+
+    async def decide(self, request: Request) -> Decision: ...
+
+    async def close(self) -> None: ...
+
+
+class DenyAll:
+    """No rule given: httpjail's behaviour, every request denied."""
+
+    name = "none"
+
+    async def start(self) -> None:
+        pass
+
+    async def decide(self, request: Request) -> Decision:
+        return Decision.denied("no rule given: jail denies everything (use --js, --sh or --proc)", "no_rule")
+
+    async def close(self) -> None:
+        pass
+
+
+class Judge:
+    """Asks the engine, times the answer, and turns any failure into a deny (fail closed)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def decide(self, request: Request) -> Decision:
+        started = time.perf_counter()
+        try:
+            decision = await self.engine.decide(request)
+        except Exception as exc:  # a broken rule must deny, never let the request through
+            logger.warning("rule failed for %s %s: %s", request.method, request.url, exc)
+            decision = Decision.denied(f"rule error: {exc}", "rule_error")
+        rule_us = int((time.perf_counter() - started) * 1e6)
+        return decision.stamped(self.engine.name, rule_us)
+
+
+def build_engine(spec: RuleSpec) -> Engine:
+    """The engine for a rule spec; raises JailError for a spec that cannot work."""
+    timeout = spec.effective_timeout
+    if timeout <= 0:
+        raise JailError(f"--rule-timeout must be positive, not {timeout}")
+    if spec.kind in ("js", "js_file"):
+        from jail.policies.js import JsEngine
+
+        return JsEngine(spec.source, timeout, from_file=spec.kind == "js_file")
+    if spec.kind == "sh":
+        from jail.policies.shell import ShellEngine
+
+        return ShellEngine(spec.source, timeout)
+    if spec.kind == "proc":
+        from jail.policies.proc import ProcEngine
+
+        return ProcEngine(spec.source, timeout)
+    return DenyAll()

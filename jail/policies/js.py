@@ -1,0 +1,135 @@
+"""`--js` / `--js-file`: a JavaScript rule run in one embedded V8 isolate (mini-racer)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from py_mini_racer import JSEvalException, MiniRacer
+
+from jail.model import Decision, JailError, Request
+from jail.policies import answer
+
+logger = logging.getLogger("jail.rule.js")
+
+HEAP_LIMIT_BYTES = 128 * 1024 * 1024
+RELOAD_POLL_SECONDS = 0.5
+
+# console.* output is collected per call and sent to jail's diagnostics, never to the child.
+PRELUDE = """
+globalThis.__jail_logs = [];
+globalThis.console = (() => {
+  const put = (...args) => { __jail_logs.push(args.map(
+      (a) => typeof a === 'string' ? a : JSON.stringify(a)).join(' ')); };
+  return {log: put, info: put, warn: put, error: put, debug: put};
+})();
+"""
+
+# The rule is either an expression (`r.host === 'x'`) or statements whose completion value is
+# the answer (`if (r.method === 'GET') true; else false`), as httpjail accepts. Both are
+# compiled once into a function; the statement form is evaluated by a direct eval, which V8
+# caches, so that `r` is in scope and the completion value is returned.
+CALL_TEMPLATE = """(function (requestJson) {
+  const r = JSON.parse(requestJson);
+  __jail_logs = [];
+  const value = (%s);
+  return JSON.stringify({value: value, logs: __jail_logs});
+})"""
+
+
+class JsEngine:
+    name = "js"
+
+    def __init__(self, source: str, timeout: float, from_file: bool = False) -> None:
+        self.timeout = timeout
+        self.path = Path(source) if from_file else None
+        self.code = source
+        self._racer: MiniRacer | None = None
+        self._rule: Any = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._file_state: tuple[int, int, int] | None = None
+
+    async def start(self) -> None:
+        if self.path is not None:
+            self.code, self._file_state = self._read_file()
+        self._racer = MiniRacer()
+        self._racer.set_hard_memory_limit(HEAP_LIMIT_BYTES)
+        self._racer.eval(PRELUDE)
+        try:
+            self._rule = self._compile(self.code)
+        except JSEvalException as exc:
+            raise JailError(f"JavaScript rule does not compile: {_first_line(exc)}") from None
+        if self.path is not None:
+            self._watcher = asyncio.create_task(self._watch_file())
+
+    def _read_file(self) -> tuple[str, tuple[int, int, int]]:
+        assert self.path is not None
+        try:
+            stat = self.path.stat()
+            return self.path.read_text(), (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise JailError(f"cannot read --js-file {self.path}: {exc}") from None
+
+    def _compile(self, code: str) -> Any:
+        assert self._racer is not None
+        try:
+            return self._racer.eval(CALL_TEMPLATE % f"\n{code}\n").cancelable()
+        except JSEvalException:
+            pass
+        # Not an expression: check it parses as statements, then evaluate it for its completion value.
+        self._racer.eval(f"new Function('r', {json.dumps(code)})")
+        return self._racer.eval(CALL_TEMPLATE % f"eval({json.dumps(code)})").cancelable()
+
+    async def _watch_file(self) -> None:
+        assert self.path is not None
+        while True:
+            await asyncio.sleep(RELOAD_POLL_SECONDS)
+            try:
+                stat = self.path.stat()
+            except OSError:
+                continue  # an editor replacing the file; keep the rule we have
+            state = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            if state == self._file_state:
+                continue
+            self._file_state = state
+            try:
+                code, _ = self._read_file()
+                self._rule = self._compile(code)
+            except (JailError, JSEvalException) as exc:
+                logger.warning(
+                    "--js-file %s: new version rejected, keeping the previous rule: %s", self.path, _first_line(exc)
+                )
+                continue
+            self.code = code
+            logger.info("--js-file %s reloaded", self.path)
+
+    async def decide(self, request: Request) -> Decision:
+        try:
+            raw = await asyncio.wait_for(self._rule(request.to_json()), self.timeout)
+        except TimeoutError:
+            return Decision.denied(f"rule timed out after {self.timeout * 1000:g} ms", "rule_timeout")
+        except JSEvalException as exc:
+            return Decision.denied(f"rule error: {_first_line(exc)}", "rule_error")
+        result = json.loads(raw)
+        for line in result["logs"]:
+            logger.info("console: %s", line)
+        return answer.parse_value(result.get("value"))
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._racer is not None:
+            self._racer.close()
+            self._racer = None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    syntax = [line for line in lines if "Error" in line]
+    return (syntax[-1] if syntax else lines[0] if lines else type(exc).__name__).strip()

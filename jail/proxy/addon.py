@@ -1,0 +1,199 @@
+"""The policy addon: every HTTP request becomes a `Request`, is judged, and is forwarded only if allowed.
+
+Nothing reaches upstream before an allow: mitmproxy runs lazily (no dial at CONNECT time), and
+`server_connect` refuses any dial that an allowed request of the same client did not ask for,
+which also covers tunnels whose content is neither HTTP nor TLS.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from mitmproxy import connection, http
+from mitmproxy.proxy import server_hooks
+
+from jail.audit import AuditSink, Outcome
+from jail.model import Decision, Request
+
+logger = logging.getLogger("jail.proxy")
+
+METADATA_KEY = "jail"
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+Decide = Callable[[Request], Awaitable[Decision]]
+
+
+def request_from_flow(flow: http.HTTPFlow) -> Request:
+    """The request as the rule must see it: the destination mitmproxy would dial, the real method and path."""
+    req = flow.request
+    path, _, query = req.path.partition("?")
+    peer = flow.client_conn.peername
+    return Request.build(
+        method=req.method,
+        scheme=req.scheme,
+        host=req.host,
+        port=req.port,
+        path=path,
+        query=query,
+        headers={name: ", ".join(req.headers.get_all(name)) for name in req.headers},
+        requester_ip=peer[0] if peer else "",
+    )
+
+
+def deny_response(request: Request | None, decision: Decision, status: int = 403) -> http.Response:
+    """Short and readable: agents read this body and adapt."""
+    what = f"{request.method} {request.url}" if request else "this request"
+    body = f"jail: blocked {what}\nreason: {decision.reason}\n"
+    return http.Response.make(
+        status,
+        body.encode(),
+        {"content-type": "text/plain; charset=utf-8", "x-jail-decision": "denied", "connection": "close"},
+    )
+
+
+class ByteCounter:
+    """A mitmproxy stream callable that counts bytes and, given a limit, cuts the rest."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if self.limit is not None:
+            chunk = chunk[: max(0, self.limit - self.count)]
+        self.count += len(chunk)
+        return chunk
+
+
+@dataclass
+class Judged:
+    """What the addon remembers about one flow between the decision and the log record."""
+
+    started: float
+    request: Request | None
+    decision: Decision
+    upload: ByteCounter | None = None
+    download: ByteCounter | None = None
+    logged: bool = False
+
+
+@dataclass
+class Destinations:
+    """Per client connection, the (host, port) pairs an allowed request asked for."""
+
+    allowed: dict[str, set[tuple[str, int]]] = field(default_factory=dict)
+
+    def permit(self, client_id: str, host: str, port: int) -> None:
+        self.allowed.setdefault(client_id, set()).add((host, port))
+
+    def permitted(self, client_id: str, host: str, port: int) -> bool:
+        return (host, port) in self.allowed.get(client_id, ())
+
+    def forget(self, client_id: str) -> None:
+        self.allowed.pop(client_id, None)
+
+
+class PolicyAddon:
+    def __init__(self, decide: Decide, audit: AuditSink) -> None:
+        self.decide = decide
+        self.audit = audit
+        self.destinations = Destinations()
+        self.own_addresses: set[tuple[str, int]] = set()
+
+    def set_listen_addresses(self, addresses: list[tuple[str, int]]) -> None:
+        self.own_addresses = {(host, port) for host, port, *_ in addresses}
+
+    def _is_proxy_itself(self, request: Request) -> bool:
+        return any(
+            request.port == port
+            and (request.host == host or request.host in LOOPBACK_NAMES or host in ("0.0.0.0", "::"))
+            for host, port in self.own_addresses
+        )
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        started = time.time()
+        try:
+            request = request_from_flow(flow)
+        except ValueError as exc:
+            self._refuse(flow, Judged(started, None, Decision.denied(str(exc), "bad_request")), 400)
+            return
+        if self._is_proxy_itself(request):
+            decision = Decision.denied("request addressed to jail's own proxy (loop refused)", "proxy_loop")
+        else:
+            decision = await self.decide(request)
+        judged = Judged(started, request, decision)
+        if not decision.allow:
+            self._refuse(flow, judged, 403)
+            return
+        limit = decision.max_tx_bytes
+        declared = flow.request.headers.get("content-length", "")
+        if limit is not None and declared.isdigit() and int(declared) > limit:
+            refusal = Decision.denied(
+                f"upload of {declared} bytes exceeds the rule's max_tx_bytes of {limit}", "max_tx_bytes"
+            ).stamped(decision.engine, decision.rule_us)
+            self._refuse(flow, Judged(started, request, refusal), 413)
+            return
+        self._pin_destination(flow, request)
+        if limit is not None or flow.request.stream:
+            judged.upload = ByteCounter(limit)
+            flow.request.stream = judged.upload
+        flow.metadata[METADATA_KEY] = judged
+
+    def _pin_destination(self, flow: http.HTTPFlow, request: Request) -> None:
+        """Forward exactly what was judged: the same host, port and scheme, and a Host header naming them."""
+        flow.request.host = request.host
+        flow.request.port = request.port
+        flow.request.host_header = request.authority
+        self.destinations.permit(flow.client_conn.id, request.host, request.port)
+
+    def _refuse(self, flow: http.HTTPFlow, judged: Judged, status: int) -> None:
+        flow.request.stream = False  # the body is read and dropped; mitmproxy cannot answer mid-stream
+        flow.response = deny_response(judged.request, judged.decision, status)
+        flow.metadata[METADATA_KEY] = judged
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        address = data.server.address
+        if address is None or not self.destinations.permitted(data.client.id, address[0], address[1]):
+            logger.info("refused an upstream dial to %s that no allowed request asked for", address)
+            data.server.error = "jail: no allowed request for this destination"
+            return
+        if data.server.sni is not None:
+            # The TLS name is the judged host, never the client's own SNI (no fronting).
+            data.server.sni = address[0]
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        judged = flow.metadata.get(METADATA_KEY)
+        if judged is not None and flow.response is not None and flow.response.stream is True:
+            judged.download = ByteCounter()
+            flow.response.stream = judged.download
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._record(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._record(flow)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.destinations.forget(client.id)
+
+    def _record(self, flow: http.HTTPFlow) -> None:
+        judged: Judged | None = flow.metadata.get(METADATA_KEY)
+        if judged is None or judged.logged or judged.request is None:
+            return
+        judged.logged = True
+        response = flow.response
+        outcome = Outcome(
+            status=response.status_code if response is not None else 502,
+            bytes_up=judged.upload.count if judged.upload else len(flow.request.raw_content or b""),
+            bytes_down=judged.download.count
+            if judged.download
+            else len(response.raw_content or b"")
+            if response
+            else 0,
+            duration_ms=(time.time() - judged.started) * 1000,
+            error=flow.error.msg if flow.error else "",
+        )
+        self.audit.record(judged.started, judged.request, judged.decision, outcome)

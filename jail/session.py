@@ -1,0 +1,169 @@
+"""One jail run: pick the backend, start the proxy, run the child, tear everything down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jail.audit import AuditSink
+from jail.model import ProxyEndpoint, Request
+from jail.platform import select_backend
+from jail.platform.process import Child, ChildError
+from jail.policies import Judge, RuleSpec, build_engine
+
+logger = logging.getLogger("jail")
+
+TIMEOUT_EXIT_STATUS = 124
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# After SIGTERM or SIGHUP is passed on, the child gets this long before its tree is killed.
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+@dataclass
+class JailConfig:
+    """Every flag, validated; the one object the CLI hands to a session."""
+
+    command: list[str] = field(default_factory=list)
+    rule: RuleSpec = field(default_factory=RuleSpec)
+    weak: bool = False
+    timeout: float | None = None
+    request_log: Path | None = None
+    audit_log: Path | None = None
+    log_header_values: bool = False
+    upstream_ca: Path | None = None
+    ca_dir: Path | None = None
+    test_request: Request | None = None
+    server: bool = False
+    listen: tuple[str, int] = ("127.0.0.1", 8080)
+
+
+def new_jail_id() -> str:
+    return secrets.token_hex(4)
+
+
+async def check_rule(config: JailConfig) -> int:
+    """`--test`: judge one request, print the verdict, exit 0 for allow and 1 for deny."""
+    assert config.test_request is not None
+    engine = build_engine(config.rule)
+    await engine.start()
+    try:
+        decision = await Judge(engine).decide(config.test_request)
+    finally:
+        await engine.close()
+    request = config.test_request
+    if decision.allow:
+        print(f"ALLOW {request.method} {request.url}")
+        return 0
+    print(f"DENY {request.method} {request.url} ({decision.reason})")
+    return 1
+
+
+class Session:
+    """Owns every resource of one run, and releases each of them whatever way the run ends."""
+
+    def __init__(self, config: JailConfig) -> None:
+        self.config = config
+        self.jail_id = new_jail_id()
+        self.stack = contextlib.AsyncExitStack()
+
+    async def run(self) -> int:
+        async with self.stack:
+            proxy = await self._start_proxy()
+            if self.config.server:
+                return await self._serve(proxy)
+            return await self._run_child(proxy)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _start_proxy(self) -> ProxyEndpoint:
+        from jail.proxy import start_proxy
+
+        engine = build_engine(self.config.rule)
+        await engine.start()
+        self.stack.push_async_callback(engine.close)
+        audit = AuditSink(self.jail_id, self.config.request_log, self.config.audit_log, self.config.log_header_values)
+        self.stack.callback(audit.close)
+        workdir = Path(tempfile.mkdtemp(prefix=f"jail-{self.jail_id}-"))
+        self.stack.callback(shutil.rmtree, workdir, True)
+        if self.config.server:
+            listen = self.config.listen
+        else:
+            self.backend = select_backend(self.jail_id, self.config.weak)
+            listen = (self.backend.proxy_listen_host(), 0)
+        endpoint, stop = await start_proxy(
+            listen=listen,
+            decide=Judge(engine).decide,
+            audit=audit,
+            ca_dir=self.config.ca_dir,
+            upstream_ca=self.config.upstream_ca,
+            workdir=workdir,
+        )
+        self.stack.push_async_callback(stop)
+        logger.info("jail %s: proxy listening on %s", self.jail_id, endpoint.url)
+        return endpoint
+
+    async def _serve(self, proxy: ProxyEndpoint) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in FORWARDED_SIGNALS:
+            loop.add_signal_handler(sig, stop.set)
+        print(f"jail: proxy listening on {proxy.url}; CA certificate: {proxy.ca_cert}", flush=True)
+        await stop.wait()
+        return 0
+
+    async def _run_child(self, proxy: ProxyEndpoint) -> int:
+        backend = self.backend
+        if backend.name == "weak":
+            logger.info("weak mode: only programs that honour HTTP(S)_PROXY are judged")
+        await backend.prepare()
+        self.stack.push_async_callback(backend.teardown)
+        env = backend.child_environment(dict(os.environ), proxy)
+        child = Child(backend.child_command(self.config.command), env, self.jail_id)
+        try:
+            await child.spawn()
+        except ChildError as exc:
+            print(f"jail: {exc}", file=sys.stderr)
+            return exc.status
+        self.stack.push_async_callback(child.kill_tree)
+        return await self._supervise(child)
+
+    async def _supervise(self, child: Child) -> int:
+        loop = asyncio.get_running_loop()
+        terminated = asyncio.Event()
+
+        def pass_on(sig: int) -> None:
+            child.send(sig)
+            if sig != signal.SIGINT:
+                terminated.set()
+
+        for sig in FORWARDED_SIGNALS:
+            loop.add_signal_handler(sig, pass_on, sig)
+        self.stack.callback(lambda: [loop.remove_signal_handler(s) for s in FORWARDED_SIGNALS])
+
+        exited = asyncio.create_task(child.wait())
+        deadline = asyncio.create_task(asyncio.sleep(self.config.timeout)) if self.config.timeout else None
+        stopping = asyncio.create_task(terminated.wait())
+        waiters = {exited, stopping} | ({deadline} if deadline else set())
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done() and not exited.done():
+                await asyncio.wait({exited}, timeout=SHUTDOWN_GRACE_SECONDS)
+            if exited.done():
+                return exited.result()
+            if deadline is not None and deadline.done():
+                logger.info("--timeout of %gs reached, killing the command", self.config.timeout)
+                await child.kill_tree()
+                return TIMEOUT_EXIT_STATUS
+            await child.kill_tree()
+            return await exited
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
