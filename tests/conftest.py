@@ -1,0 +1,259 @@
+"""Hermetic fixtures: upstream servers on 127.0.0.2 (outside the child's NO_PROXY), a test CA,
+and helpers that run the real `jail` command."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import trustme
+
+UPSTREAM_HOST = "127.0.0.2"
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+@dataclass
+class Upstream:
+    """A local origin server; it counts every TCP connection it accepts."""
+
+    server: ThreadingHTTPServer
+    scheme: str
+    connections: list[tuple[str, int]] = field(default_factory=list)
+    requests: list[dict] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def url(self, path: str = "/") -> str:
+        return f"{self.scheme}://{UPSTREAM_HOST}:{self.port}{path}"
+
+    def reset(self) -> None:
+        self.connections.clear()
+        self.requests.clear()
+
+
+class EchoHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    upstream: Upstream
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _respond(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            body = self._read_chunked()
+        else:
+            body = self.rfile.read(length) if length else b""
+        record = {
+            "method": self.command,
+            "path": self.path,
+            "host": self.headers.get("host"),
+            "body_len": len(body),
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+        }
+        self.upstream.requests.append(record)
+        if self.path.startswith("/ws") and self.headers.get("upgrade", "").lower() == "websocket":
+            self._websocket_echo()
+            return
+        if self.path.startswith("/bytes/"):
+            payload = b"x" * int(self.path.rsplit("/", 1)[1])
+        else:
+            payload = json.dumps(record).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _read_chunked(self) -> bytes:
+        body = b""
+        while True:
+            size = int(self.rfile.readline().strip(), 16)
+            if size == 0:
+                self.rfile.readline()
+                return body
+            body += self.rfile.read(size)
+            self.rfile.readline()
+
+    def _websocket_echo(self) -> None:
+        accept = base64.b64encode(hashlib.sha1((self.headers["sec-websocket-key"] + WS_GUID).encode()).digest())
+        self.send_response(101)
+        self.send_header("upgrade", "websocket")
+        self.send_header("connection", "Upgrade")
+        self.send_header("sec-websocket-accept", accept.decode())
+        self.end_headers()
+        self.wfile.flush()
+        header = self.rfile.read(2)
+        length = header[1] & 0x7F
+        mask = self.rfile.read(4)
+        data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(length)))
+        self.wfile.write(bytes([0x81, len(data)]) + data)
+        self.wfile.flush()
+        self.close_connection = True
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _respond
+
+
+def start_upstream(scheme: str, context: ssl.SSLContext | None) -> Upstream:
+    handler = type("Handler", (EchoHandler,), {})
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def get_request(self):  # type: ignore[no-untyped-def]
+            sock, address = super().get_request()
+            upstream.connections.append(address)
+            if context is not None:
+                sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            return sock, address
+
+    server = Server((UPSTREAM_HOST, 0), handler)
+    upstream = Upstream(server, scheme)
+    handler.upstream = upstream
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return upstream
+
+
+@pytest.fixture(scope="session")
+def test_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def test_ca_file(test_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("testca") / "ca.pem"
+    test_ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def http_upstream() -> Iterator[Upstream]:
+    upstream = start_upstream("http", None)
+    yield upstream
+    upstream.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def https_upstream(test_ca: trustme.CA) -> Iterator[Upstream]:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    test_ca.issue_cert(UPSTREAM_HOST, "localhost").configure_cert(context)
+    upstream = start_upstream("https", context)
+    yield upstream
+    upstream.server.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstreams(request: pytest.FixtureRequest) -> None:
+    for name in ("http_upstream", "https_upstream"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).reset()
+
+
+@pytest.fixture(scope="session")
+def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("jail-ca")
+
+
+@pytest.fixture(scope="session")
+def jail_env(ca_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env["JAIL_CA_DIR"] = str(ca_dir)
+    return env
+
+
+def jail_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "jail", *args]
+
+
+@pytest.fixture
+def run_jail(jail_env: dict[str, str], test_ca_file: Path):
+    """Run `jail ARGS...` to completion; `--upstream-ca` for the test CA is added unless told not to."""
+
+    def run(*args: str, timeout: float = 60, upstream_ca: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        extra = ("--upstream-ca", str(test_ca_file)) if upstream_ca else ()
+        return subprocess.run(
+            jail_argv(*extra, *args),
+            env=kwargs.pop("env", jail_env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kwargs,
+        )
+
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class JailServer:
+    process: subprocess.Popen
+    port: int
+    ca_dir: Path
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def bundle(self) -> Path:
+        return self.ca_dir / "trust" / "ca-bundle.pem"
+
+
+@pytest.fixture
+def jail_server(jail_env: dict[str, str], test_ca_file: Path, ca_dir: Path):
+    """Start `jail --server` with the given rule flags; stopped at the end of the test."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str) -> JailServer:
+        port = free_port()
+        process = subprocess.Popen(
+            jail_argv("--server", "--listen", f"127.0.0.1:{port}", "--upstream-ca", str(test_ca_file), *args),
+            env=jail_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(process)
+        line = process.stdout.readline()
+        if "listening" not in line:
+            process.kill()
+            raise AssertionError(f"jail --server did not start: {line!r} {process.stderr.read()}")
+        return JailServer(process, port, ca_dir)
+
+    yield start
+    for process in started:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
