@@ -81,7 +81,8 @@ def configure_logging(verbosity: int) -> None:
     handler.setFormatter(logging.Formatter("jail: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(verbosity, 2)])
+    root.setLevel(logging.WARNING)
+    logging.getLogger("jail").setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(verbosity, 2)])
     # mitmproxy's own connection chatter only at -vv.
     logging.getLogger("mitmproxy").setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
 

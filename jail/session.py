@@ -74,12 +74,16 @@ class Session:
         self.config = config
         self.jail_id = new_jail_id()
         self.stack = contextlib.AsyncExitStack()
+        self.signals = SignalRelay()
 
     async def run(self) -> int:
         async with self.stack:
+            self.signals.install()
+            self.stack.callback(self.signals.remove)
             proxy = await self._start_proxy()
             if self.config.server:
-                return await self._serve(proxy)
+                await self.signals.stopping.wait()
+                return 0
             return await self._run_child(proxy)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -108,16 +112,9 @@ class Session:
         )
         self.stack.push_async_callback(stop)
         logger.info("jail %s: proxy listening on %s", self.jail_id, endpoint.url)
+        if self.config.server:
+            print(f"jail: proxy listening on {endpoint.url}; CA certificate: {endpoint.ca_cert}", flush=True)
         return endpoint
-
-    async def _serve(self, proxy: ProxyEndpoint) -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in FORWARDED_SIGNALS:
-            loop.add_signal_handler(sig, stop.set)
-        print(f"jail: proxy listening on {proxy.url}; CA certificate: {proxy.ca_cert}", flush=True)
-        await stop.wait()
-        return 0
 
     async def _run_child(self, proxy: ProxyEndpoint) -> int:
         backend = self.backend
@@ -127,6 +124,8 @@ class Session:
         self.stack.push_async_callback(backend.teardown)
         env = backend.child_environment(dict(os.environ), proxy)
         child = Child(backend.child_command(self.config.command), env, self.jail_id)
+        if self.signals.stopping.is_set():
+            return 128 + self.signals.received[0]
         try:
             await child.spawn()
         except ChildError as exc:
@@ -136,21 +135,10 @@ class Session:
         return await self._supervise(child)
 
     async def _supervise(self, child: Child) -> int:
-        loop = asyncio.get_running_loop()
-        terminated = asyncio.Event()
-
-        def pass_on(sig: int) -> None:
-            child.send(sig)
-            if sig != signal.SIGINT:
-                terminated.set()
-
-        for sig in FORWARDED_SIGNALS:
-            loop.add_signal_handler(sig, pass_on, sig)
-        self.stack.callback(lambda: [loop.remove_signal_handler(s) for s in FORWARDED_SIGNALS])
-
+        self.signals.child = child
         exited = asyncio.create_task(child.wait())
         deadline = asyncio.create_task(asyncio.sleep(self.config.timeout)) if self.config.timeout else None
-        stopping = asyncio.create_task(terminated.wait())
+        stopping = asyncio.create_task(self.signals.stopping.wait())
         waiters = {exited, stopping} | ({deadline} if deadline else set())
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -167,3 +155,33 @@ class Session:
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+
+class SignalRelay:
+    """Ctrl-C, SIGTERM and SIGHUP go to the child; SIGTERM and SIGHUP also end the run.
+
+    Installed before anything starts, so a signal that comes early still ends in a clean teardown.
+    """
+
+    def __init__(self) -> None:
+        self.child: Child | None = None
+        self.received: list[int] = []
+        self.stopping = asyncio.Event()
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in FORWARDED_SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def remove(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in FORWARDED_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        self.received.append(sig)
+        if self.child is not None:
+            self.child.send(sig)
+        # An interactive child may handle Ctrl-C and go on; without a child, Ctrl-C means stop.
+        if sig != signal.SIGINT or self.child is None:
+            self.stopping.set()

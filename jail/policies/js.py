@@ -52,6 +52,10 @@ class JsEngine:
         self._rule: Any = None
         self._watcher: asyncio.Task[None] | None = None
         self._file_state: tuple[int, int, int] | None = None
+        # One call in the isolate at a time: mini-racer prepares each call with a blocking eval,
+        # which would freeze the event loop (and so the timeout of the running call) for good
+        # if it queued behind a rule that loops.
+        self._lock = asyncio.Lock()
 
     async def start(self) -> None:
         if self.path is not None:
@@ -98,7 +102,8 @@ class JsEngine:
             self._file_state = state
             try:
                 code, _ = self._read_file()
-                self._rule = self._compile(code)
+                async with self._lock:
+                    self._rule = self._compile(code)
             except (JailError, JSEvalException) as exc:
                 logger.warning(
                     "--js-file %s: new version rejected, keeping the previous rule: %s", self.path, _first_line(exc)
@@ -109,7 +114,8 @@ class JsEngine:
 
     async def decide(self, request: Request) -> Decision:
         try:
-            raw = await asyncio.wait_for(self._rule(request.to_json()), self.timeout)
+            async with self._lock:
+                raw = await asyncio.wait_for(self._rule(request.to_json()), self.timeout)
         except TimeoutError:
             return Decision.denied(f"rule timed out after {self.timeout * 1000:g} ms", "rule_timeout")
         except JSEvalException as exc:
