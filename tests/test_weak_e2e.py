@@ -98,3 +98,13 @@ def test_child_environment_points_at_proxy_and_bundle(run_jail, ca_dir, jail_env
     assert text.count("BEGIN CERTIFICATE") > 1, "the bundle must hold the system CAs as well as jail's"
     assert (ca_dir / "mitmproxy-ca-cert.pem").read_text().strip() in text
     assert oct((ca_dir / "mitmproxy-ca.pem").stat().st_mode & 0o777) == "0o600"
+
+
+def test_example_line_processor(run_jail, http_upstream):
+    program = f"{sys.executable} examples/allow_hosts.py 127.0.0.2"
+    ok = run_jail("--proc", program, "--", *CURL, http_upstream.url("/a"))
+    assert json.loads(ok.stdout)["path"] == "/a"
+    denied = run_jail(
+        "--proc", f"{sys.executable} examples/allow_hosts.py other.example", "--", *CURL, http_upstream.url("/a")
+    )
+    assert "127.0.0.2 is not on the allow list" in denied.stdout
