@@ -63,8 +63,17 @@ def parse_listen(value: str, public: bool) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def rule_spec(js: str | None, js_file: str | None, sh: str | None, proc: str | None, timeout: float | None) -> RuleSpec:
-    given = [(kind, value) for kind, value in (("js", js), ("js_file", js_file), ("sh", sh), ("proc", proc)) if value]
+def rule_spec(
+    js: str | None,
+    js_file: str | None,
+    sh: str | None,
+    proc: str | None,
+    policy_files: tuple[Path, ...],
+    timeout: float | None,
+) -> RuleSpec:
+    policies = "policy" if policy_files else None
+    candidates = (("js", js), ("js_file", js_file), ("sh", sh), ("proc", proc), ("policy", policies))
+    given = [(kind, value) for kind, value in candidates if value]
     if len(given) > 1:
         names = ", ".join("--" + kind.replace("_", "-") for kind, _ in given)
         raise click.UsageError(f"give exactly one rule, not {names}")
@@ -73,7 +82,7 @@ def rule_spec(js: str | None, js_file: str | None, sh: str | None, proc: str | N
     if not given:
         return RuleSpec(timeout=timeout)
     kind, source = given[0]
-    return RuleSpec(kind, source, timeout)  # type: ignore[arg-type]
+    return RuleSpec(kind, source, timeout, files=policy_files)  # type: ignore[arg-type]
 
 
 def configure_logging(verbosity: int) -> None:
@@ -95,6 +104,11 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--js-file", type=EXISTING_FILE, help="JavaScript rule from a file (reloaded on change).")
 @click.option("--sh", metavar="SCRIPT", help="Shell rule, run per request; exit 0 allows.")
 @click.option("--proc", metavar="PROG", help="Long-lived rule program: JSON lines in, answers out.")
+@click.option(
+    "--policy", "policy_files", type=EXISTING_FILE, multiple=True, help="Policy file (TOML); repeat to append rules."
+)
+@click.option("--audit", "audit_mode", is_flag=True, help="Allow everything; record what the rule would have denied.")
+@click.option("--fail-on-deny", is_flag=True, help="Exit non-zero if any request was (or would have been) denied.")
 @click.option("--rule-timeout", type=float, metavar="S", help="Per-request rule timeout (JS 0.1 s, others 5 s).")
 @click.option("--weak", is_flag=True, help="Environment variables only (no OS isolation).")
 @click.option(
@@ -125,6 +139,9 @@ def main(
     js_file: Path | None,
     sh: str | None,
     proc: str | None,
+    policy_files: tuple[Path, ...],
+    audit_mode: bool,
+    fail_on_deny: bool,
     rule_timeout: float | None,
     weak: bool,
     timeout: float | None,
@@ -151,7 +168,7 @@ def main(
     --test [METHOD] URL judges one request and exits 0 (allow) or 1 (deny).
     """
     configure_logging(verbose)
-    spec = rule_spec(js, str(js_file) if js_file else None, sh, proc, rule_timeout)
+    spec = rule_spec(js, str(js_file) if js_file else None, sh, proc, policy_files, rule_timeout)
     config = JailConfig(
         command=list(command),
         rule=spec,
@@ -162,6 +179,8 @@ def main(
         log_header_values=log_header_values,
         upstream_ca=upstream_ca,
         server=server,
+        audit_mode=audit_mode,
+        fail_on_deny=fail_on_deny,
     )
     if test_url is not None:
         try:
@@ -182,10 +201,19 @@ def main(
     sys.exit(asyncio.run(Session(config).run()))
 
 
+# `jail log ...` and `jail policy ...` are tools; anything else is `jail [OPTIONS] -- COMMAND`.
+TOOL_COMMANDS = ("log", "policy")
+
+
 def run(argv: list[str] | None = None) -> None:
     """Console entry point: every failure the user can fix is one line on stderr."""
     args = sys.argv[1:] if argv is None else argv
     try:
+        if args and args[0] in TOOL_COMMANDS:
+            from jail.commands import tools
+
+            tools.main(args, prog_name="jail", standalone_mode=False)
+            return
         main.main(split_test_option(args), prog_name="jail", standalone_mode=False)
     except click.ClickException as exc:
         click.echo(f"jail: error: {exc.format_message()} (see jail --help)", err=True)

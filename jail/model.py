@@ -115,17 +115,29 @@ class Decision:
     engine: str = ""
     max_tx_bytes: int | None = None
     rule_us: int = 0
+    # Which rule decided, when the engine can name one (a policy file's rule, e.g. "ci.toml:12").
+    rule: str = ""
+    # Audit mode: the rule denied, but the request was let through and recorded.
+    would_deny: bool = False
 
     @classmethod
-    def allowed(cls, reason: str = "", max_tx_bytes: int | None = None) -> Decision:
-        return cls(True, reason, "rule_allow", max_tx_bytes=max_tx_bytes)
+    def allowed(cls, reason: str = "", max_tx_bytes: int | None = None, rule: str = "") -> Decision:
+        return cls(True, reason, "rule_allow", max_tx_bytes=max_tx_bytes, rule=rule)
 
     @classmethod
-    def denied(cls, reason: str, reason_code: str = "rule_deny") -> Decision:
-        return cls(False, reason, reason_code)
+    def denied(cls, reason: str, reason_code: str = "rule_deny", rule: str = "") -> Decision:
+        return cls(False, reason, reason_code, rule=rule)
 
     def stamped(self, engine: str, rule_us: int) -> Decision:
         return replace(self, engine=engine, rule_us=rule_us)
+
+    def audited(self) -> Decision:
+        """Audit mode: a deny becomes an allow that remembers it would have been denied."""
+        return self if self.allow else replace(self, allow=True, would_deny=True)
+
+    @property
+    def verdict(self) -> str:
+        return "would_deny" if self.would_deny else "allow" if self.allow else "deny"
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ class JailConfig:
     test_request: Request | None = None
     server: bool = False
     listen: tuple[str, int] = ("127.0.0.1", 8080)
+    audit_mode: bool = False
+    fail_on_deny: bool = False
 
 
 def new_jail_id() -> str:
@@ -83,9 +85,22 @@ class Session:
             proxy = await self._start_proxy()
             if self.config.server:
                 await self.signals.stopping.wait()
-                return 0
-            return await self._run_child(proxy)
-        raise AssertionError("unreachable")  # pragma: no cover
+                status = 0
+            else:
+                status = await self._run_child(proxy)
+        return self._verdict_status(status)
+
+    def _verdict_status(self, status: int) -> int:
+        """Audit mode's summary line, and --fail-on-deny's non-zero exit when anything was (or would be) denied."""
+        verdicts = self.audit.verdicts
+        refused = verdicts["deny"] + verdicts["would_deny"]
+        if self.config.audit_mode:
+            total = sum(verdicts.values())
+            print(f"jail: audit: {total} requests, {verdicts['would_deny']} would have been denied", file=sys.stderr)
+        if self.config.fail_on_deny and refused and status == 0:
+            print(f"jail: {refused} requests were denied or would have been (--fail-on-deny)", file=sys.stderr)
+            return 1
+        return status
 
     async def _start_proxy(self) -> ProxyEndpoint:
         from jail.proxy import start_proxy
@@ -95,6 +110,7 @@ class Session:
         self.stack.push_async_callback(engine.close)
         audit = AuditSink(self.jail_id, self.config.request_log, self.config.audit_log, self.config.log_header_values)
         self.stack.callback(audit.close)
+        self.audit = audit
         workdir = Path(tempfile.mkdtemp(prefix=f"jail-{self.jail_id}-"))
         self.stack.callback(shutil.rmtree, workdir, True)
         if self.config.server:
@@ -104,7 +120,7 @@ class Session:
             listen = (self.backend.proxy_listen_host(), 0)
         endpoint, stop = await start_proxy(
             listen=listen,
-            decide=Judge(engine).decide,
+            decide=Judge(engine, self.config.audit_mode).decide,
             audit=audit,
             ca_dir=self.config.ca_dir,
             upstream_ca=self.config.upstream_ca,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,8 +60,10 @@ class AuditSink:
         self.include_header_values = include_header_values
         self.request_log = AppendOnlyFile(request_log, "--request-log") if request_log else None
         self.audit_log = AppendOnlyFile(audit_log, "--audit-log") if audit_log else None
+        self.verdicts: Counter[str] = Counter()
 
     def record(self, started: float, request: Request, decision: Decision, outcome: Outcome) -> None:
+        self.verdicts[decision.verdict] += 1
         if self.request_log is not None:
             mark = "+" if decision.allow else "-"
             self.request_log.write_line(f"{rfc3339_ms(started)} {mark} {request.method} {request.url}")
@@ -75,10 +78,11 @@ class AuditSink:
             "time": rfc3339_ms(started),
             "jail_id": self.jail_id,
             **fields,
-            "decision": "allow" if decision.allow else "deny",
+            "decision": decision.verdict,
             "reason": decision.reason,
             "reason_code": decision.reason_code,
             "engine": decision.engine,
+            "rule": decision.rule,
             "rule_us": decision.rule_us,
             "max_tx_bytes": decision.max_tx_bytes,
             "status": outcome.status,

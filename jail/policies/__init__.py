@@ -5,24 +5,29 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 from jail.model import Decision, JailError, Request
 
 logger = logging.getLogger("jail.rule")
 
-RuleKind = Literal["js", "js_file", "sh", "proc"]
+RuleKind = Literal["js", "js_file", "sh", "proc", "policy"]
 
-DEFAULT_TIMEOUTS: dict[str, float] = {"js": 0.1, "js_file": 0.1, "sh": 5.0, "proc": 5.0}
+DEFAULT_TIMEOUTS: dict[str, float] = {"js": 0.1, "js_file": 0.1, "sh": 5.0, "proc": 5.0, "policy": 5.0}
 
 
 @dataclass(frozen=True)
 class RuleSpec:
-    """Which engine, its source (code, path, script or command line) and its per-request timeout."""
+    """Which engine, its source (code, path, script or command line) and its per-request timeout.
+
+    Policy files (`kind="policy"`) are given in `files`, in order: later files append rules.
+    """
 
     kind: RuleKind | None = None
     source: str = ""
     timeout: float | None = None
+    files: tuple[Path, ...] = ()
 
     @property
     def effective_timeout(self) -> float:
@@ -56,10 +61,14 @@ class DenyAll:
 
 
 class Judge:
-    """Asks the engine, times the answer, and turns any failure into a deny (fail closed)."""
+    """Asks the engine, times the answer, and turns any failure into a deny (fail closed).
 
-    def __init__(self, engine: Engine) -> None:
+    In audit mode every deny is let through as `would_deny`.
+    """
+
+    def __init__(self, engine: Engine, audit_mode: bool = False) -> None:
         self.engine = engine
+        self.audit_mode = audit_mode
 
     async def decide(self, request: Request) -> Decision:
         started = time.perf_counter()
@@ -69,7 +78,8 @@ class Judge:
             logger.warning("rule failed for %s %s: %s", request.method, request.url, exc)
             decision = Decision.denied(f"rule error: {exc}", "rule_error")
         rule_us = int((time.perf_counter() - started) * 1e6)
-        return decision.stamped(self.engine.name, rule_us)
+        decision = decision.stamped(self.engine.name, rule_us)
+        return decision.audited() if self.audit_mode else decision
 
 
 def build_engine(spec: RuleSpec) -> Engine:
@@ -89,4 +99,8 @@ def build_engine(spec: RuleSpec) -> Engine:
         from jail.policies.proc import ProcEngine
 
         return ProcEngine(spec.source, timeout)
+    if spec.kind == "policy":
+        from jail.policies.policy_file import PolicyEngine
+
+        return PolicyEngine(spec.files, timeout)
     return DenyAll()
