@@ -111,6 +111,8 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--fail-on-deny", is_flag=True, help="Exit non-zero if any request was (or would have been) denied.")
 @click.option("--rule-timeout", type=float, metavar="S", help="Per-request rule timeout (JS 0.1 s, others 5 s).")
 @click.option("--weak", is_flag=True, help="Environment variables only (no OS isolation).")
+@click.option("--user", metavar="NAME", help="Run the command as this user (strong mode; default: $SUDO_UID).")
+@click.option("--cleanup", is_flag=True, help="Remove what killed jails left behind (namespaces, links, nft tables).")
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
@@ -144,6 +146,8 @@ def main(
     fail_on_deny: bool,
     rule_timeout: float | None,
     weak: bool,
+    user: str | None,
+    cleanup: bool,
     timeout: float | None,
     request_log: Path | None,
     audit_log: Path | None,
@@ -168,6 +172,12 @@ def main(
     --test [METHOD] URL judges one request and exits 0 (allow) or 1 (deny).
     """
     configure_logging(verbose)
+    if cleanup:
+        from jail.platform import cleanup_orphans
+
+        removed = cleanup_orphans()
+        print(f"jail: removed {len(removed)} orphaned jail(s){': ' + ' '.join(removed) if removed else ''}")
+        sys.exit(0)
     spec = rule_spec(js, str(js_file) if js_file else None, sh, proc, policy_files, rule_timeout)
     config = JailConfig(
         command=list(command),
@@ -181,6 +191,7 @@ def main(
         server=server,
         audit_mode=audit_mode,
         fail_on_deny=fail_on_deny,
+        user=user,
     )
     if test_url is not None:
         try:

@@ -148,6 +148,7 @@ class ProxyEndpoint:
     port: int
     ca_cert: Path
     ca_bundle: Path
+    transparent_port: int | None = None
 
     @property
     def url(self) -> str:

@@ -46,6 +46,7 @@ class JailConfig:
     listen: tuple[str, int] = ("127.0.0.1", 8080)
     audit_mode: bool = False
     fail_on_deny: bool = False
+    user: str | None = None
 
 
 def new_jail_id() -> str:
@@ -82,12 +83,13 @@ class Session:
         async with self.stack:
             self.signals.install()
             self.stack.callback(self.signals.remove)
-            proxy = await self._start_proxy()
+            await self._start_rule_and_logs()
             if self.config.server:
+                await self._start_proxy(self.config.listen, transparent=False)
                 await self.signals.stopping.wait()
                 status = 0
             else:
-                status = await self._run_child(proxy)
+                status = await self._run_child()
         return self._verdict_status(status)
 
     def _verdict_status(self, status: int) -> int:
@@ -95,36 +97,35 @@ class Session:
         verdicts = self.audit.verdicts
         refused = verdicts["deny"] + verdicts["would_deny"]
         if self.config.audit_mode:
-            total = sum(verdicts.values())
+            total = verdicts["allow"] + refused
             print(f"jail: audit: {total} requests, {verdicts['would_deny']} would have been denied", file=sys.stderr)
         if self.config.fail_on_deny and refused and status == 0:
             print(f"jail: {refused} requests were denied or would have been (--fail-on-deny)", file=sys.stderr)
             return 1
         return status
 
-    async def _start_proxy(self) -> ProxyEndpoint:
+    async def _start_rule_and_logs(self) -> None:
+        self.engine = build_engine(self.config.rule)
+        await self.engine.start()
+        self.stack.push_async_callback(self.engine.close)
+        self.audit = AuditSink(
+            self.jail_id, self.config.request_log, self.config.audit_log, self.config.log_header_values
+        )
+        self.stack.callback(self.audit.close)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"jail-{self.jail_id}-"))
+        self.stack.callback(shutil.rmtree, self.workdir, True)
+
+    async def _start_proxy(self, listen: tuple[str, int], transparent: bool) -> ProxyEndpoint:
         from jail.proxy import start_proxy
 
-        engine = build_engine(self.config.rule)
-        await engine.start()
-        self.stack.push_async_callback(engine.close)
-        audit = AuditSink(self.jail_id, self.config.request_log, self.config.audit_log, self.config.log_header_values)
-        self.stack.callback(audit.close)
-        self.audit = audit
-        workdir = Path(tempfile.mkdtemp(prefix=f"jail-{self.jail_id}-"))
-        self.stack.callback(shutil.rmtree, workdir, True)
-        if self.config.server:
-            listen = self.config.listen
-        else:
-            self.backend = select_backend(self.jail_id, self.config.weak)
-            listen = (self.backend.proxy_listen_host(), 0)
         endpoint, stop = await start_proxy(
             listen=listen,
-            decide=Judge(engine, self.config.audit_mode).decide,
-            audit=audit,
+            decide=Judge(self.engine, self.config.audit_mode).decide,
+            audit=self.audit,
             ca_dir=self.config.ca_dir,
             upstream_ca=self.config.upstream_ca,
-            workdir=workdir,
+            workdir=self.workdir,
+            transparent=transparent,
         )
         self.stack.push_async_callback(stop)
         logger.info("jail %s: proxy listening on %s", self.jail_id, endpoint.url)
@@ -132,12 +133,22 @@ class Session:
             print(f"jail: proxy listening on {endpoint.url}; CA certificate: {endpoint.ca_cert}", flush=True)
         return endpoint
 
-    async def _run_child(self, proxy: ProxyEndpoint) -> int:
-        backend = self.backend
-        if backend.name == "weak":
-            logger.info("weak mode: only programs that honour HTTP(S)_PROXY are judged")
-        await backend.prepare()
+    async def _start_resolver(self, listen: tuple[str, int], sinkhole: str) -> None:
+        from jail.proxy.dns import start_resolver
+
+        transport = await start_resolver(listen, sinkhole, self.audit.record_dns)
+        self.stack.callback(transport.close)
+
+    async def _run_child(self) -> int:
+        backend = select_backend(self.jail_id, self.config.weak, self.config.user)
+        logger.info("jail %s: %s mode", self.jail_id, backend.name)
+        # Teardown is registered first: a half-prepared backend is removed too.
         self.stack.push_async_callback(backend.teardown)
+        await backend.prepare()
+        proxy = await self._start_proxy((backend.proxy_listen_host(), 0), "transparent" in backend.proxy_modes())
+        backend.attach_proxy(proxy.port, proxy.transparent_port)
+        if (dns := backend.dns_address()) is not None:
+            await self._start_resolver(dns, backend.proxy_listen_host())
         env = backend.child_environment(dict(os.environ), proxy)
         child = Child(backend.child_command(self.config.command), env, self.jail_id)
         if self.signals.stopping.is_set():

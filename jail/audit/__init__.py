@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -69,6 +70,21 @@ class AuditSink:
             self.request_log.write_line(f"{rfc3339_ms(started)} {mark} {request.method} {request.url}")
         if self.audit_log is not None:
             self.audit_log.write_line(json.dumps(self._audit_record(started, request, decision, outcome)))
+
+    def record_dns(self, name: str, qtype: str, requester_ip: str, answer: str) -> None:
+        """A query to jail's own resolver: recorded, never forwarded."""
+        self.verdicts["dns"] += 1
+        if self.audit_log is not None:
+            record = {
+                "time": rfc3339_ms(time.time()),
+                "jail_id": self.jail_id,
+                "kind": "dns",
+                "name": name,
+                "qtype": qtype,
+                "requester_ip": requester_ip,
+                "answer": answer,
+            }
+            self.audit_log.write_line(json.dumps(record))
 
     def _audit_record(self, started: float, request: Request, decision: Decision, outcome: Outcome) -> dict:
         fields = request.to_dict()

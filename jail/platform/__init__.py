@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Protocol
 
-from jail.model import ProxyEndpoint
+from jail.model import JailError, ProxyEndpoint
 
 
 class Backend(Protocol):
@@ -15,7 +16,16 @@ class Backend(Protocol):
     def proxy_listen_host(self) -> str:
         """The address the proxy must listen on for this backend's child to reach it."""
 
+    def proxy_modes(self) -> list[str]:
+        """["regular"], plus "transparent" when the backend redirects connections to the proxy."""
+
+    def dns_address(self) -> tuple[str, int] | None:
+        """Where jail's own resolver must listen, if this backend gives the child one."""
+
     async def prepare(self) -> None: ...
+
+    def attach_proxy(self, regular_port: int, transparent_port: int | None) -> None:
+        """Called once the proxy listens: steer the child's traffic to these ports."""
 
     def child_environment(self, base: dict[str, str], proxy: ProxyEndpoint) -> dict[str, str]: ...
 
@@ -24,8 +34,25 @@ class Backend(Protocol):
     async def teardown(self) -> None: ...
 
 
-def select_backend(jail_id: str, weak: bool) -> Backend:
-    """The strongest backend available; today that is the environment-only one."""
+def select_backend(jail_id: str, weak: bool, user: str | None = None) -> Backend:
+    """The strongest backend available: a network namespace as root, else weak mode (said once on stderr)."""
+    from jail.platform.netns import NetnsBackend, strong_mode_unavailable
     from jail.platform.weak import WeakBackend
 
+    if weak:
+        return WeakBackend(jail_id)
+    reason = strong_mode_unavailable()
+    if reason is None:
+        return NetnsBackend(jail_id, user)
+    if user is not None:
+        raise JailError(f"--user needs the strong mode, which is unavailable: {reason}")
+    print(f"jail: weak mode ({reason}): only programs that honour proxy variables are judged", file=sys.stderr)
     return WeakBackend(jail_id)
+
+
+def cleanup_orphans() -> list[str]:
+    """Remove what jails that were killed left behind; returns their ids."""
+    from jail.platform.netns import cleanup_orphans as remove_netns_orphans
+    from jail.platform.netns import strong_mode_unavailable
+
+    return remove_netns_orphans() if strong_mode_unavailable() is None else []

@@ -48,7 +48,16 @@ class WeakBackend:
     def proxy_listen_host(self) -> str:
         return "127.0.0.1"
 
+    def proxy_modes(self) -> list[str]:
+        return ["regular"]
+
+    def dns_address(self) -> tuple[str, int] | None:
+        return None
+
     async def prepare(self) -> None:
+        pass
+
+    def attach_proxy(self, regular_port: int, transparent_port: int | None) -> None:
         pass
 
     def child_environment(self, base: dict[str, str], proxy: ProxyEndpoint) -> dict[str, str]:

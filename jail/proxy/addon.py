@@ -13,7 +13,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from mitmproxy import connection, http
+from mitmproxy.net.http import url
 from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy.mode_specs import TransparentMode
 
 from jail.audit import AuditSink, Outcome
 from jail.model import Decision, Request
@@ -26,7 +28,30 @@ LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 Decide = Callable[[Request], Awaitable[Decision]]
 
 
-def request_from_flow(flow: http.HTTPFlow) -> Request:
+class NoDestination(ValueError):
+    """A redirected connection that names no server: it is refused, never guessed."""
+
+    def __init__(self, reason: str, reason_code: str) -> None:
+        super().__init__(reason)
+        self.reason_code = reason_code
+
+
+def redirected_destination(flow: http.HTTPFlow) -> str:
+    """For a connection the firewall redirected, the server it names: TLS SNI, else the Host header."""
+    if flow.client_conn.tls:
+        if not flow.client_conn.sni:
+            raise NoDestination(
+                "TLS connection without SNI: jail judges HTTPS by server name and never guesses one", "no_sni"
+            )
+        return flow.client_conn.sni
+    try:
+        host, _ = url.parse_authority(flow.request.host_header or "", check=True)
+    except ValueError:
+        raise NoDestination("HTTP request without a usable Host header", "no_host") from None
+    return host
+
+
+def request_from_flow(flow: http.HTTPFlow, host: str | None = None) -> Request:
     """The request as the rule must see it: the destination mitmproxy would dial, the real method and path."""
     req = flow.request
     path, _, query = req.path.partition("?")
@@ -34,7 +59,7 @@ def request_from_flow(flow: http.HTTPFlow) -> Request:
     return Request.build(
         method=req.method,
         scheme=req.scheme,
-        host=req.host,
+        host=host or req.host,
         port=req.port,
         path=path,
         query=query,
@@ -116,7 +141,13 @@ class PolicyAddon:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         started = time.time()
         try:
-            request = request_from_flow(flow)
+            named = redirected_destination(flow) if isinstance(flow.client_conn.proxy_mode, TransparentMode) else None
+            request = request_from_flow(flow, named)
+        except NoDestination as exc:
+            self._refuse(
+                flow, Judged(started, request_from_flow(flow), Decision.denied(str(exc), exc.reason_code)), 403
+            )
+            return
         except ValueError as exc:
             self._refuse(flow, Judged(started, None, Decision.denied(str(exc), "bad_request")), 400)
             return

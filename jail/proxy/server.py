@@ -46,6 +46,16 @@ class ProxySettings:
     listen_port: int
     ca_dir: Path
     upstream_trust: Path | None = None
+    # A second listener for connections the firewall redirects (isolated jails only).
+    transparent_port: int | None = None
+
+    @property
+    def modes(self) -> list[str]:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        modes = [f"regular@{host}:{self.listen_port}"]
+        if self.transparent_port is not None:
+            modes.append(f"transparent@{host}:{self.transparent_port}")
+        return modes
 
 
 class EmbeddedProxy:
@@ -57,12 +67,12 @@ class EmbeddedProxy:
         self.address: tuple[str, int] = (settings.listen_host, settings.listen_port)
 
     async def start(self) -> tuple[str, int]:
-        """Start listening; return the bound (host, port). Raises JailError when it cannot listen."""
+        """Start listening; return the regular listener's (host, port). Raises JailError when it cannot listen."""
         opts = options.Options(
             listen_host=self.settings.listen_host,
             listen_port=self.settings.listen_port,
             confdir=str(self.settings.ca_dir),
-            mode=["regular"],
+            mode=self.settings.modes,
         )
         self.master = Master(opts)
         ready = Ready()
@@ -94,13 +104,14 @@ class EmbeddedProxy:
             addresses = server.listen_addrs() if ready.event.is_set() else []
         finally:
             mitm_logger.removeHandler(errors)
-        if not addresses:
+        if len(addresses) < len(self.settings.modes):
             await self.stop()
             why = errors.messages[-1] if errors.messages else "unknown error"
             where = f"{self.settings.listen_host}:{self.settings.listen_port}"
             raise JailError(f"the proxy cannot listen on {where}: {why}")
         self.policy.set_listen_addresses(addresses)
-        host, port, *_ = addresses[0]
+        regular = next(instance for instance in server.servers if instance.mode.type_name == "regular")
+        host, port, *_ = regular.listen_addrs[0]
         self.address = (host, port)
         return self.address
 
