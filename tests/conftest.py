@@ -109,7 +109,7 @@ class EchoHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _respond
 
 
-def start_upstream(scheme: str, context: ssl.SSLContext | None) -> Upstream:
+def start_upstream(scheme: str, context: ssl.SSLContext | None, port: int = 0) -> Upstream:
     handler = type("Handler", (EchoHandler,), {})
 
     class Server(ThreadingHTTPServer):
@@ -122,7 +122,7 @@ def start_upstream(scheme: str, context: ssl.SSLContext | None) -> Upstream:
                 sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             return sock, address
 
-    server = Server((UPSTREAM_HOST, 0), handler)
+    server = Server((UPSTREAM_HOST, port), handler)
     upstream = Upstream(server, scheme)
     handler.upstream = upstream
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -194,6 +194,16 @@ def run_jail(jail_env: dict[str, str], test_ca_file: Path):
             timeout=timeout,
             **kwargs,
         )
+
+    return run
+
+
+@pytest.fixture
+def weak_jail(run_jail):
+    """`run_jail` in weak mode, whatever the machine would pick."""
+
+    def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+        return run_jail("--weak", *args, **kwargs)
 
     return run
 

