@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import ipaddress
 import json
 import re
 import sys
@@ -339,11 +340,15 @@ def format_time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+def plural_requests(count: int) -> str:
+    return f"{count} request" if count == 1 else f"{count} requests"
+
+
 def summary_line(summary: Summary) -> str:
     """`12 requests: 7 allowed, 3 denied, 2 would-deny; from ... to ... (15m)`."""
     total = summary.total
     counts = (
-        f"{total.count} requests: {total.allowed} allowed, {total.denied} denied, "
+        f"{plural_requests(total.count)}: {total.allowed} allowed, {total.denied} denied, "
         f"{total.would_deny} would-deny, {format_bytes(total.bytes)}"
     )
     if summary.first is None or summary.last is None:
@@ -373,13 +378,13 @@ def _shorten(value: str, width: int) -> str:
     return value if len(value) <= width else value[: width - 1] + "…"
 
 
-def _aligned(header: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> list[str]:
-    """Columns padded to their widest cell; the first `left` columns are left-aligned, the rest right."""
+def _aligned(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
+    """Columns padded to their widest cell; `align` has one `l` (left) or `r` (right) per column."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = []
     for row in [header, *rows]:
         cells = [
-            cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            cell.ljust(w) if side == "l" else cell.rjust(w) for cell, w, side in zip(row, widths, align, strict=True)
         ]
         lines.append("  ".join(cells).rstrip())
     return lines
@@ -393,10 +398,10 @@ def render_text(summary: Summary) -> str:
         [safe_text(host), safe_text(method), *_tally_cells(tally)] for (host, method), tally in summary.rows.items()
     ]
     rows.append(["TOTAL", "", *_tally_cells(summary.total)])
-    lines += ["", *_aligned(["HOST", "METHOD", *(c.upper() for c in COLUMNS)], rows, left=2)]
+    lines += ["", *_aligned(["HOST", "METHOD", *(c.upper() for c in COLUMNS)], rows, "llrrrrr")]
     if len(summary.hosts) > 1:
         host_rows = [[safe_text(host), *_tally_cells(tally)] for host, tally in summary.hosts.items()]
-        lines += ["", *_aligned(["HOST", *(c.upper() for c in COLUMNS)], host_rows, left=1)]
+        lines += ["", *_aligned(["HOST", *(c.upper() for c in COLUMNS)], host_rows, "lrrrrr")]
     if summary.refused:
         limit = MAX_DENIED_ROWS["text"]
         refused_rows = [
@@ -410,7 +415,7 @@ def render_text(summary: Summary) -> str:
             for r in summary.refused[:limit]
         ]
         lines += ["", "Denied and would-deny requests:"]
-        lines += _aligned(["VERDICT", "COUNT", "METHOD", "URL", "REASON"], refused_rows, left=0)
+        lines += _aligned(["VERDICT", "COUNT", "METHOD", "URL", "REASON"], refused_rows, "lrlll")
         if len(summary.refused) > limit:
             lines.append(f"... and {len(summary.refused) - limit} more")
     return "\n".join(lines) + "\n"
@@ -480,7 +485,7 @@ h2 { font-size: 16px; margin: 32px 0 8px; }
 .card span { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
 .card.deny b { color: var(--deny); } .card.would b { color: var(--would); } .card.allow b { color: var(--allow); }
 table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
-th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
+th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: baseline; }
 th { background: var(--head); font-weight: 600; white-space: nowrap; position: sticky; top: 0; }
 table.sortable th { cursor: pointer; user-select: none; }
 table.sortable th::after { content: " \\2195"; color: #b0b8c1; font-size: 11px; }
@@ -631,7 +636,7 @@ def _timeline_svg(entries: Sequence[Entry], summary: Summary) -> str:
         if first.reason and decision != "allow":
             label += f" ({first.reason})"
         if len(group) > 1:
-            label = f"{len(group)} requests, e.g. {label}"
+            label = f"{plural_requests(len(group))}, e.g. {label}"
         y = top + lane * lane_h + 3
         out.append(
             f'<rect class="{decision}" x="{x - 1}" y="{y}" width="3" height="{lane_h - 6}" rx="1">'
@@ -732,8 +737,31 @@ def render_html(
 
 # --------------------------------------------------------------------------- policy suggestion
 
-# Hosts as the audit log writes them (lower-case, punycode, IPv4 or bare IPv6); anything else is skipped.
-PLAIN_HOST = re.compile(r"[a-z0-9._:-]+")
+# What a policy file accepts (jail/policies/policy_file.py): host labels, HTTP method tokens; requests
+# with anything else cannot be written as a rule and are left out (and counted).
+HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
+METHOD_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# A policy `path` with `*` or `?` is a glob, not a prefix.
+GLOB_CHARS = re.compile(r"[*?]")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def plain_host(host: str) -> bool:
+    """A host a policy rule can name: an IP address or dot-separated labels."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return all(HOST_LABEL.fullmatch(label) for label in host.split("."))
+
+
+def canonical(path: str) -> bool:
+    """No `.`/`..` segment and no percent-escaped unreserved character: a policy's path prefix never
+    allows a path that is not canonical (it fails closed), so such paths need a rule without `path`."""
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return False
+    return not any(chr(int(code, 16)) in _UNRESERVED for code in _PERCENT.findall(path))
 
 
 def toml_string(value: str) -> str:
@@ -747,6 +775,10 @@ def toml_string(value: str) -> str:
         else:
             out.append(char)
     return '"' + "".join(out) + '"'
+
+
+# An [[expect]] request is "METHOD URL", split at white space; a `#` would start a fragment.
+EXAMPLE_PATH = re.compile(r"/[^\s#]*")
 
 
 def first_segment(path: str) -> tuple[str, bool]:
@@ -764,18 +796,19 @@ class _Rule:
 
     def add(self, entry: Entry) -> None:
         self.methods.add(entry.method)
-        if self.example is None and entry.scheme in ("http", "https"):
+        if self.example is None and entry.scheme in ("http", "https") and EXAMPLE_PATH.fullmatch(entry.path):
             self.example = entry
 
 
 def suggest_rules(entries: Iterable[Entry], include_denied: bool = False) -> tuple[list[_Rule], int]:
-    """The rules that allow what was seen, and how many requests were left out for an unusual host."""
+    """The rules that allow what was seen, and how many requests were left out (a host or method that no
+    policy rule can name). Per host: one rule per first path segment when there are few, else one rule."""
     by_host: dict[str, list[Entry]] = defaultdict(list)
     skipped = 0
     for entry in sorted(entries, key=lambda e: (e.time, e.method, e.url)):
         if entry.decision == "deny" and not include_denied:
             continue
-        if not PLAIN_HOST.fullmatch(entry.host):
+        if not plain_host(entry.host) or not METHOD_TOKEN.fullmatch(entry.method):
             skipped += 1
             continue
         by_host[entry.host].append(entry)
@@ -785,7 +818,10 @@ def suggest_rules(entries: Iterable[Entry], include_denied: bool = False) -> tup
         segments: dict[str, list[Entry]] = defaultdict(list)
         for entry in seen:
             segments[first_segment(entry.path)[0]].append(entry)
-        if len(segments) > MAX_PREFIX_RULES:
+        prefixable = all(
+            canonical(entry.path) and not GLOB_CHARS.search(first_segment(entry.path)[0]) for entry in seen
+        )
+        if len(segments) > MAX_PREFIX_RULES or not prefixable:
             rule = _Rule(host, None)
             for entry in seen:
                 rule.add(entry)
@@ -818,12 +854,12 @@ def suggest_policy(entries: Sequence[Entry], include_denied: bool = False, sourc
         lines.append(f"# From: {safe_text(', '.join(sources))}")
     if used:
         first, last = min(e.time for e in used), max(e.time for e in used)
-        lines.append(f"# {len(used)} requests, {format_time(first)} to {format_time(last)}.")
+        lines.append(f"# {plural_requests(len(used))}, {format_time(first)} to {format_time(last)}.")
     excluded = sum(1 for e in entries if e.decision == "deny") if not include_denied else 0
     if excluded:
-        lines.append(f"# {excluded} requests denied in enforce mode are not allowed here (--include-denied).")
+        lines.append(f"# {plural_requests(excluded)} denied in enforce mode are not allowed here (--include-denied).")
     if skipped:
-        lines.append(f"# {skipped} requests with an unusual host name were left out.")
+        lines.append(f"# {plural_requests(skipped)} with a host or method no rule can name were left out.")
     if not rules:
         lines.append("# Nothing was allowed: this policy denies everything.")
     lines += ["", 'default = "deny"']

@@ -21,6 +21,7 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -261,7 +262,8 @@ class NetnsBackend:
         return proxy_environment(base, proxy, self.jail_id)
 
     def child_command(self, argv: list[str]) -> list[str]:
-        privileges = ["setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"]
+        # --pdeathsig: if jail is killed, its child dies with it rather than live on in the namespace.
+        privileges = ["setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--pdeathsig=KILL"]
         if self.user is not None:
             try:
                 entry = pwd.getpwnam(self.user)
@@ -278,6 +280,11 @@ class NetnsBackend:
 
 def remove_jail(names: JailNames) -> None:
     """Remove every resource named for this jail; each step tolerates what is already gone."""
+    # A namespace lives on while a process is in it: whatever a killed jail's child left must go.
+    pids = subprocess.run(["ip", "netns", "pids", names.netns], capture_output=True, text=True, check=False).stdout
+    for pid in pids.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
     subprocess.run(["nft", "delete", "table", "inet", names.nft_table], capture_output=True, check=False)
     subprocess.run(["ip", "link", "delete", names.host_link], capture_output=True, check=False)
     subprocess.run(["ip", "netns", "delete", names.netns], capture_output=True, check=False)
