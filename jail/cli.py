@@ -223,8 +223,8 @@ def run(argv: list[str] | None = None) -> None:
         if args and args[0] in TOOL_COMMANDS:
             from jail.commands import tools
 
-            tools.main(args, prog_name="jail", standalone_mode=False)
-            return
+            status = tools.main(args, prog_name="jail", standalone_mode=False)
+            sys.exit(status if isinstance(status, int) else 0)
         main.main(split_test_option(args), prog_name="jail", standalone_mode=False)
     except click.ClickException as exc:
         click.echo(f"jail: error: {exc.format_message()} (see jail --help)", err=True)

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from jail.platform.netns import existing_jail_ids, strong_mode_unavailable
@@ -274,57 +275,48 @@ def test_child_runs_as_the_sudo_user(run_jail, jail_env):
     assert result.stdout.strip() == "65534"
 
 
-def resources() -> set[str]:
-    return existing_jail_ids()
+def start_jail(jail_env, seconds: str) -> tuple[subprocess.Popen, str]:
+    """A strong jail whose child prints its jail id and then sleeps; returns the process and the id."""
+    process = subprocess.Popen(
+        jail_argv("--js", "true", "--", "sh", "-c", f'echo "$JAIL_ID"; exec sleep {seconds}'),
+        env=jail_env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return process, process.stdout.readline().strip()
 
 
 def test_nothing_is_left_after_a_normal_run_and_after_ctrl_c(run_jail, jail_env):
-    before = resources()
-    assert run_jail("--js", "true", "--", "true").returncode == 0
-    assert resources() == before
-    process = subprocess.Popen(
-        jail_argv("--js", "true", "--", "sh", "-c", "echo ready; sleep 60"),
-        env=jail_env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout.readline().strip() == "ready"
+    finished = run_jail("--js", "true", "--", "sh", "-c", 'echo "$JAIL_ID"')
+    jail_id = finished.stdout.strip()
+    assert len(jail_id) == 8 and jail_id not in existing_jail_ids()
+    process, jail_id = start_jail(jail_env, "61.5")
+    assert jail_id in existing_jail_ids()
     process.send_signal(signal.SIGINT)
     process.wait(20)
-    assert resources() == before
+    assert jail_id not in existing_jail_ids()
 
 
 def test_sigkilled_jail_is_cleaned_by_cleanup_without_touching_a_running_one(run_jail, jail_env):
-    before = resources()
-    survivor = subprocess.Popen(
-        jail_argv("--js", "true", "--", "sh", "-c", "echo ready; sleep 60"),
-        env=jail_env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    victim = subprocess.Popen(
-        jail_argv("--js", "true", "--", "sh", "-c", "echo ready; sleep 60"),
-        env=jail_env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    survivor, survivor_id = start_jail(jail_env, "62.5")
+    victim, victim_id = start_jail(jail_env, "63.5")
     try:
-        assert survivor.stdout.readline().strip() == "ready"
-        assert victim.stdout.readline().strip() == "ready"
-        running = resources() - before
-        assert len(running) == 2
+        assert {survivor_id, victim_id} <= existing_jail_ids()
         victim.kill()
         victim.wait()
-        assert len(resources() - before) == 2, "a SIGKILLed jail leaves its resources until cleanup"
+        assert victim_id in existing_jail_ids(), "a SIGKILLed jail leaves its resources until cleanup"
         cleanup = run_jail("--cleanup")
-        assert cleanup.returncode == 0 and "removed 1" in cleanup.stdout
-        assert len(resources() - before) == 1, "the running jail must be left alone"
+        assert cleanup.returncode == 0 and victim_id in cleanup.stdout
+        assert victim_id not in existing_jail_ids()
+        assert survivor_id in existing_jail_ids(), "the running jail must be left alone"
         assert survivor.poll() is None
+        assert wait_for(
+            lambda: not any("63.5" in (p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])), 5
+        ), "the killed jail's child must not live on"
     finally:
         survivor.terminate()
         survivor.wait(20)
-        subprocess.run(["pkill", "-f", "sleep 60"], check=False)
-    assert wait_for(lambda: resources() == before, timeout=10)
+    assert wait_for(lambda: survivor_id not in existing_jail_ids(), timeout=10)
 
 
 def test_two_concurrent_jails_keep_their_own_rules(jail_env, named_upstreams):
