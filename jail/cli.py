@@ -63,6 +63,15 @@ def parse_listen(value: str, public: bool) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def parse_cidr(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an address range (e.g. 10.1.2.0/24)", param_hint="--allow-private"
+        ) from None
+
+
 def rule_spec(
     js: str | None,
     js_file: str | None,
@@ -126,10 +135,12 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
     "--audit-log", type=click.Path(dir_okay=False, path_type=Path), help="Append one JSON object per request."
 )
 @click.option("--log-header-values", is_flag=True, help="Put header values (not only names) in the audit log.")
+@click.option("--allow-private", multiple=True, metavar="CIDR", help="Let the proxy reach this private/loopback range.")
 @click.option("--upstream-ca", type=EXISTING_FILE, help="Also trust this CA for upstream servers.")
 @click.option("--test", "test_flag", is_flag=True, hidden=True)
 @click.option("--test-url", hidden=True)
 @click.option("--test-method", hidden=True, default="GET")
+@click.option("--explain", is_flag=True, help="Say what the jail would allow and restrict, without running anything.")
 @click.option("--server", is_flag=True, help="Run only the proxy (127.0.0.1:8080 unless --listen).")
 @click.option("--listen", metavar="HOST:PORT", help="Address for --server.")
 @click.option("--listen-public", is_flag=True, help="Allow --listen on a non-loopback address.")
@@ -152,10 +163,12 @@ def main(
     request_log: Path | None,
     audit_log: Path | None,
     log_header_values: bool,
+    allow_private: tuple[str, ...],
     upstream_ca: Path | None,
     test_flag: bool,
     test_url: str | None,
     test_method: str,
+    explain: bool,
     server: bool,
     listen: str | None,
     listen_public: bool,
@@ -192,7 +205,13 @@ def main(
         audit_mode=audit_mode,
         fail_on_deny=fail_on_deny,
         user=user,
+        allow_private=tuple(parse_cidr(value) for value in allow_private),
     )
+    if explain:
+        from jail.explain import explain as explain_text
+
+        click.echo(explain_text(config))
+        sys.exit(0)
     if test_url is not None:
         try:
             config.test_request = Request.from_url(test_url, test_method)

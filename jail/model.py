@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import re
+import socket
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,11 +19,31 @@ class JailError(Exception):
     """A mistake the user can fix: shown as one line on stderr, never as a traceback."""
 
 
+IPV4_ANY_NOTATION = re.compile(r"(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}")
+
+
+def canonical_ip(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """IPv4-mapped and IPv4-compatible IPv6 addresses are the IPv4 address they carry."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if 1 < int(address) < 2**32:  # ::a.b.c.d, the deprecated IPv4-compatible form
+            return ipaddress.IPv4Address(int(address))
+    return address
+
+
 def normalize_host(host: str) -> str:
-    """Lower-case, no brackets, no trailing dot, IDNA (punycode) for non-ASCII names."""
+    """Lower-case, no brackets, no trailing dot, IDNA (punycode) for non-ASCII names; an IP literal
+    in any notation (decimal 2130706433, octal 0177.0.0.1, hex, short 127.1, IPv4-mapped IPv6) becomes
+    its canonical form, so a rule and the address guard see the address that would be dialled."""
     host = host.strip().strip("[]").rstrip(".").lower()
+    if IPV4_ANY_NOTATION.fullmatch(host):
+        with contextlib.suppress(OSError):
+            return socket.inet_ntoa(socket.inet_aton(host))
     try:
-        return str(ipaddress.ip_address(host))
+        return str(canonical_ip(ipaddress.ip_address(host)))
     except ValueError:
         pass
     if host.isascii():

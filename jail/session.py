@@ -47,6 +47,7 @@ class JailConfig:
     audit_mode: bool = False
     fail_on_deny: bool = False
     user: str | None = None
+    allow_private: tuple[str, ...] = ()
 
 
 def new_jail_id() -> str:
@@ -85,7 +86,7 @@ class Session:
             self.stack.callback(self.signals.remove)
             await self._start_rule_and_logs()
             if self.config.server:
-                await self._start_proxy(self.config.listen, transparent=False)
+                await self._start_proxy(self.config.listen, transparent=False, isolated=False)
                 await self.signals.stopping.wait()
                 status = 0
             else:
@@ -115,8 +116,9 @@ class Session:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"jail-{self.jail_id}-"))
         self.stack.callback(shutil.rmtree, self.workdir, True)
 
-    async def _start_proxy(self, listen: tuple[str, int], transparent: bool) -> ProxyEndpoint:
+    async def _start_proxy(self, listen: tuple[str, int], transparent: bool, isolated: bool) -> ProxyEndpoint:
         from jail.proxy import start_proxy
+        from jail.proxy.guard import AddressGuard, networks
 
         endpoint, stop = await start_proxy(
             listen=listen,
@@ -125,6 +127,7 @@ class Session:
             ca_dir=self.config.ca_dir,
             upstream_ca=self.config.upstream_ca,
             workdir=self.workdir,
+            guard=AddressGuard(isolated, networks(*self.config.allow_private)),
             transparent=transparent,
         )
         self.stack.push_async_callback(stop)
@@ -145,7 +148,9 @@ class Session:
         # Teardown is registered first: a half-prepared backend is removed too.
         self.stack.push_async_callback(backend.teardown)
         await backend.prepare()
-        proxy = await self._start_proxy((backend.proxy_listen_host(), 0), "transparent" in backend.proxy_modes())
+        proxy = await self._start_proxy(
+            (backend.proxy_listen_host(), 0), "transparent" in backend.proxy_modes(), isolated=backend.name != "weak"
+        )
         backend.attach_proxy(proxy.port, proxy.transparent_port)
         if (dns := backend.dns_address()) is not None:
             await self._start_resolver(dns, backend.proxy_listen_host())

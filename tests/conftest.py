@@ -186,6 +186,8 @@ def run_jail(jail_env: dict[str, str], test_ca_file: Path):
 
     def run(*args: str, timeout: float = 60, upstream_ca: bool = True, **kwargs) -> subprocess.CompletedProcess:
         extra = ("--upstream-ca", str(test_ca_file)) if upstream_ca else ()
+        # The test upstreams live on loopback, which the address guard refuses unless told.
+        extra += ("--allow-private", f"{UPSTREAM_HOST}/32")
         return subprocess.run(
             jail_argv(*extra, *args),
             env=kwargs.pop("env", jail_env),
@@ -237,7 +239,16 @@ def jail_server(jail_env: dict[str, str], test_ca_file: Path, ca_dir: Path):
     def start(*args: str) -> JailServer:
         port = free_port()
         process = subprocess.Popen(
-            jail_argv("--server", "--listen", f"127.0.0.1:{port}", "--upstream-ca", str(test_ca_file), *args),
+            jail_argv(
+                "--server",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--upstream-ca",
+                str(test_ca_file),
+                "--allow-private",
+                f"{UPSTREAM_HOST}/32",
+                *args,
+            ),
             env=jail_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

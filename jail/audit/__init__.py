@@ -45,6 +45,8 @@ class Outcome:
     bytes_down: int = 0
     duration_ms: float = 0.0
     error: str = ""
+    # The address dialled (or refused by the address guard).
+    address: str = ""
 
 
 class AuditSink:
@@ -105,6 +107,7 @@ class AuditSink:
             "bytes_up": outcome.bytes_up,
             "bytes_down": outcome.bytes_down,
             "duration_ms": round(outcome.duration_ms, 3),
+            "address": outcome.address,
         }
         if outcome.error:
             record["error"] = outcome.error

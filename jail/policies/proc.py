@@ -2,8 +2,8 @@
 
 Each request carries an `id`. A program that echoes it (`{"id": 7, "allow": true}`) may answer
 out of order; a program that does not is answered in order. The program is restarted when it
-dies, answers garbage, or (when answering in order) misses a deadline, since a late in-order
-answer would be taken for the next request's.
+dies, answers garbage, stops reading its input, or (when answering in order) misses a deadline,
+since a late in-order answer would be taken for the next request's.
 """
 
 from __future__ import annotations
@@ -181,13 +181,21 @@ class ProcEngine:
             return Decision.denied(f"rule program cannot start: {exc}", "rule_error")
         request_id = next(self._ids)
         line = json.dumps({**request.to_dict(), "id": request_id}, separators=(",", ":")) + "\n"
+        # One deadline for writing the request and getting the answer: a program that stops
+        # reading its input must not leave the request waiting for the pipe forever.
+        deadline = asyncio.get_running_loop().time() + self.timeout
         try:
-            future = await program.ask(request_id, line.encode())
+            async with asyncio.timeout_at(deadline):
+                future = await program.ask(request_id, line.encode())
         except (BrokenPipeError, ConnectionResetError):
             program.fail("rule program closed its input")
             return Decision.denied("rule program closed its input", "rule_error")
+        except TimeoutError:
+            program.fail(f"rule program stopped reading its input for {self.timeout:g} s")
+            return Decision.denied(f"rule program timed out after {self.timeout:g} s", "rule_timeout")
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(future)
         except TimeoutError:
             program.pending.pop(request_id, None)
             program.timed_out.add(request_id)

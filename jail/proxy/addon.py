@@ -19,6 +19,7 @@ from mitmproxy.proxy.mode_specs import TransparentMode
 
 from jail.audit import AuditSink, Outcome
 from jail.model import Decision, Request
+from jail.proxy.guard import AddressGuard
 
 logger = logging.getLogger("jail.proxy")
 
@@ -102,29 +103,32 @@ class Judged:
     decision: Decision
     upload: ByteCounter | None = None
     download: ByteCounter | None = None
+    address: str = ""
     logged: bool = False
 
 
 @dataclass
 class Destinations:
-    """Per client connection, the (host, port) pairs an allowed request asked for."""
+    """Per client connection, the (address, port) pairs allowed requests asked for, and the name
+    each was judged under (the TLS name to present upstream)."""
 
-    allowed: dict[str, set[tuple[str, int]]] = field(default_factory=dict)
+    allowed: dict[str, dict[tuple[str, int], str]] = field(default_factory=dict)
 
-    def permit(self, client_id: str, host: str, port: int) -> None:
-        self.allowed.setdefault(client_id, set()).add((host, port))
+    def permit(self, client_id: str, address: str, port: int, name: str) -> None:
+        self.allowed.setdefault(client_id, {})[(address, port)] = name
 
-    def permitted(self, client_id: str, host: str, port: int) -> bool:
-        return (host, port) in self.allowed.get(client_id, ())
+    def judged_name(self, client_id: str, address: str, port: int) -> str | None:
+        return self.allowed.get(client_id, {}).get((address, port))
 
     def forget(self, client_id: str) -> None:
         self.allowed.pop(client_id, None)
 
 
 class PolicyAddon:
-    def __init__(self, decide: Decide, audit: AuditSink) -> None:
+    def __init__(self, decide: Decide, audit: AuditSink, guard: AddressGuard) -> None:
         self.decide = decide
         self.audit = audit
+        self.guard = guard
         self.destinations = Destinations()
         self.own_addresses: set[tuple[str, int]] = set()
 
@@ -167,18 +171,26 @@ class PolicyAddon:
             ).stamped(decision.engine, decision.rule_us)
             self._refuse(flow, Judged(started, request, refusal), 413)
             return
-        self._pin_destination(flow, request)
+        address, refusal = await self.guard.choose(request.host, request.port)
+        if refusal is not None:
+            refused = Decision.denied(refusal.reason, refusal.reason_code).stamped(decision.engine, decision.rule_us)
+            self._refuse(flow, Judged(started, request, refused, address=refusal.address), 403)
+            return
+        assert address is not None
+        judged.address = address
+        self._pin_destination(flow, request, address)
         if limit is not None or flow.request.stream:
             judged.upload = ByteCounter(limit)
             flow.request.stream = judged.upload
         flow.metadata[METADATA_KEY] = judged
 
-    def _pin_destination(self, flow: http.HTTPFlow, request: Request) -> None:
-        """Forward exactly what was judged: the same host, port and scheme, and a Host header naming them."""
-        flow.request.host = request.host
+    def _pin_destination(self, flow: http.HTTPFlow, request: Request, address: str) -> None:
+        """Forward exactly what was judged: to the address the guard checked (never looked up
+        again), on the judged port, with a Host header naming the judged authority."""
+        flow.request.host = address
         flow.request.port = request.port
         flow.request.host_header = request.authority
-        self.destinations.permit(flow.client_conn.id, request.host, request.port)
+        self.destinations.permit(flow.client_conn.id, address, request.port, request.host)
 
     def _refuse(self, flow: http.HTTPFlow, judged: Judged, status: int) -> None:
         flow.request.stream = False  # the body is read and dropped; mitmproxy cannot answer mid-stream
@@ -187,13 +199,14 @@ class PolicyAddon:
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         address = data.server.address
-        if address is None or not self.destinations.permitted(data.client.id, address[0], address[1]):
+        name = self.destinations.judged_name(data.client.id, address[0], address[1]) if address else None
+        if name is None:
             logger.info("refused an upstream dial to %s that no allowed request asked for", address)
             data.server.error = "jail: no allowed request for this destination"
             return
         if data.server.sni is not None:
             # The TLS name is the judged host, never the client's own SNI (no fronting).
-            data.server.sni = address[0]
+            data.server.sni = name
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         judged = flow.metadata.get(METADATA_KEY)
@@ -226,5 +239,6 @@ class PolicyAddon:
             else 0,
             duration_ms=(time.time() - judged.started) * 1000,
             error=flow.error.msg if flow.error else "",
+            address=judged.address,
         )
         self.audit.record(judged.started, judged.request, judged.decision, outcome)

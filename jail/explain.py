@@ -1,0 +1,168 @@
+"""`jail --explain`: what a jail with these flags would allow and restrict, in plain words.
+
+Nothing is started: no proxy, no child, no rule engine, no namespace, no network. Policy files are
+loaded (and so checked) exactly as a real run would load them; a broken one raises JailError.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from jail.policies import DEFAULT_TIMEOUTS, RuleSpec
+from jail.session import JailConfig
+
+STRONG_GUARANTEES = (
+    "own network namespace; only TCP to the proxy, to ports 80/443 (redirected to the proxy, so programs that"
+    " ignore proxy variables are judged too) and DNS to jail's resolver (no query leaves the machine) get out;"
+    " other ports, UDP, ICMP and IPv6 are rejected; the command runs without capabilities"
+)
+WEAK_LIMITS = (
+    "only programs that honour the proxy variables (HTTP_PROXY, HTTPS_PROXY, ...) are judged;"
+    " others (raw sockets, UDP, DNS, Node's fetch) go out unjudged"
+)
+_GLOB_REGEX_TOKEN = re.compile(r"\.\*|\[\^/\]\*|\[\^/\]|\\(.)", re.DOTALL)
+
+
+def explain(config: JailConfig) -> str:
+    """The explanation, one fact per line; raises JailError for a policy file that does not load."""
+    lines = ["jail --explain: what this jail would do (nothing was started)"]
+    lines.append(_what_runs(config))
+    lines.append(_rule_header(config.rule))
+    lines += [f"  {line}" for line in _rule_lines(config.rule)]
+    lines.append(f"rule timeout: {_timeout(config.rule)}")
+    if config.audit_mode:
+        lines.append(
+            "audit mode (--audit): every request is allowed; what the rule would deny is recorded as would-deny"
+        )
+    if config.fail_on_deny:
+        lines.append("fail on deny (--fail-on-deny): exit non-zero if any request was (or would have been) denied")
+    lines.append(f"mode: {_mode(config)}")
+    lines += _logs(config)
+    if config.timeout is not None:
+        lines.append(f"timeout: the command is killed after {config.timeout:g} s (exit 124)")
+    private = getattr(config, "allow_private", ())
+    if private:
+        lines.append(f"private ranges the proxy may reach (--allow-private): {', '.join(private)}")
+    if config.upstream_ca is not None:
+        lines.append(f"upstream CA: also trusts {config.upstream_ca} for upstream servers")
+    lines.append("filesystem: not restricted (no filesystem policy yet)")
+    return "\n".join(lines)
+
+
+def _what_runs(config: JailConfig) -> str:
+    if config.server:
+        return "command: none; would run only the proxy (--server), for programs started separately"
+    if config.command:
+        return f"command: would run {shlex.join(config.command)}"
+    return "command: none given (a real run needs one: jail [OPTIONS] -- COMMAND [ARGS...])"
+
+
+def _rule_header(spec: RuleSpec) -> str:
+    if spec.kind == "js":
+        return "engine: JavaScript (--js), the request is `r`"
+    if spec.kind == "js_file":
+        return f"engine: JavaScript file (--js-file) {spec.source}, reloaded when it changes"
+    if spec.kind == "sh":
+        return "engine: shell script (--sh), run once per request; exit 0 allows"
+    if spec.kind == "proc":
+        return "engine: line processor (--proc), one long-lived program; JSON lines in, answers out"
+    if spec.kind == "policy":
+        return f"engine: policy files (--policy) {', '.join(str(file) for file in spec.files)}"
+    return "engine: none"
+
+
+def _rule_lines(spec: RuleSpec) -> list[str]:
+    if spec.kind == "js":
+        return [f"code: {spec.source}"]
+    if spec.kind == "js_file":
+        return [f"file: {spec.source}"]
+    if spec.kind == "sh":
+        return [f"script: {spec.source}"]
+    if spec.kind == "proc":
+        return [f"program: {spec.source}"]
+    if spec.kind == "policy":
+        return _policy_lines(spec)
+    return ["no rule: everything is denied"]
+
+
+def _policy_lines(spec: RuleSpec) -> list[str]:
+    from jail.policies.policy_file import load_policy
+
+    policy = load_policy(spec.files)
+    lines = [f"rules, in order (the first that matches decides): {len(policy.rules)}"]
+    if not policy.rules:
+        lines[0] = "rules: none"
+    for number, rule in enumerate(policy.rules, start=1):
+        hosts = sorted(rule.hosts) + ["*" + suffix for suffix in rule.host_suffixes]
+        paths = list(rule.path_prefixes) + [_glob_text(glob.pattern) for glob in rule.path_globs]
+        fields = [
+            f"{number}. {rule.action}",
+            f"host {_join(hosts)}" if not rule.any_host else "any host",
+            f"port {_join([str(port) for port in sorted(rule.ports)])}" if rule.ports is not None else "any port",
+            f"scheme {_join(sorted(rule.schemes))}" if rule.schemes is not None else "any scheme",
+            f"methods {_join(sorted(rule.methods))}" if rule.methods is not None else "any method",
+            f"path {_join(paths)}" if rule.has_path else "any path",
+        ]
+        if rule.max_tx_bytes is not None:
+            fields.append(f"max_tx_bytes {rule.max_tx_bytes}")
+        fields.append(f"name {rule.label}")
+        if rule.reason:
+            fields.append(f"reason {rule.reason!r}")
+        lines.append(", ".join(fields))
+    where = f" (set at {policy.default_where})" if policy.default_where else " (no file sets it)"
+    lines.append(f"default: {policy.default}{where}")
+    hook = policy.hooks
+    if hook is None:
+        lines.append("hooks: none")
+    else:
+        lines.append(
+            f"hooks: {hook.kind} {hook.source!r} ({hook.where}), asked when no rule matches, instead of the default"
+        )
+    if policy.expectations:
+        lines.append(f"examples: {len(policy.expectations)} [[expect]] (checked by `jail policy check`, not here)")
+    return lines
+
+
+def _glob_text(regex: str) -> str:
+    """The glob a compiled path pattern was written as (the inverse of policy_file.compile_glob)."""
+    tokens = {".*": "**", "[^/]*": "*", "[^/]": "?"}
+    return _GLOB_REGEX_TOKEN.sub(lambda match: match.group(1) or tokens[match.group(0)], regex)
+
+
+def _join(values: list[str]) -> str:
+    return "|".join(values)
+
+
+def _timeout(spec: RuleSpec) -> str:
+    if spec.kind is None:
+        return "not used (no rule)"
+    if spec.timeout is not None:
+        return f"{spec.timeout:g} s (--rule-timeout)"
+    return f"{DEFAULT_TIMEOUTS[spec.kind]:g} s (default; --rule-timeout changes it)"
+
+
+def _mode(config: JailConfig) -> str:
+    if config.weak:
+        return f"weak, because of --weak: {WEAK_LIMITS}"
+    from jail.platform.netns import strong_mode_unavailable
+
+    reason = strong_mode_unavailable()
+    if reason is None:
+        user = f"; as user {config.user}" if config.user else ""
+        return f"strong: {STRONG_GUARANTEES}{user}"
+    if config.user is not None:
+        return f"weak ({reason}), so a real run would fail: --user needs the strong mode"
+    return f"weak ({reason}): {WEAK_LIMITS}"
+
+
+def _logs(config: JailConfig) -> list[str]:
+    lines = []
+    if config.request_log is not None:
+        lines.append(f"request log: {config.request_log} (one `TIME +|- METHOD URL` line per request)")
+    if config.audit_log is not None:
+        values = "with header values" if config.log_header_values else "header names only"
+        lines.append(f"audit log: {config.audit_log} (one JSON object per request, {values})")
+    if not lines:
+        lines.append("logs: none")
+    return lines

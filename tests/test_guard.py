@@ -1,0 +1,165 @@
+"""The address guard: allowed names must not lead into loopback, metadata, private or jail ranges."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from jail.model import Request, normalize_host
+from jail.proxy.guard import AddressGuard, networks
+from tests.conftest import UPSTREAM_HOST
+from tests.test_proxy import read_response
+
+
+@pytest.mark.parametrize(
+    ("literal", "canonical"),
+    [
+        ("2130706433", "127.0.0.1"),
+        ("0177.0.0.1", "127.0.0.1"),
+        ("0x7f.0.0.1", "127.0.0.1"),
+        ("127.1", "127.0.0.1"),
+        ("[::ffff:127.0.0.1]", "127.0.0.1"),
+        ("::127.0.0.1", "127.0.0.1"),
+        ("169.254.169.254.", "169.254.169.254"),
+        ("[FD00:EC2::254]", "fd00:ec2::254"),
+        ("Example.COM.", "example.com"),
+    ],
+)
+def test_ip_literals_in_any_notation_are_normalised(literal, canonical):
+    assert normalize_host(literal) == canonical
+    authority = f"[{literal}]" if literal.count(":") > 1 and not literal.startswith("[") else literal
+    assert Request.from_url(f"http://{authority}/x").host == canonical
+
+
+@pytest.mark.parametrize(
+    ("address", "code"),
+    [
+        ("127.0.0.1", "loopback_address"),
+        ("::1", "loopback_address"),
+        ("0.0.0.0", "unspecified_address"),
+        ("169.254.169.254", "metadata_address"),
+        ("fd00:ec2::254", "metadata_address"),
+        ("100.100.100.200", "metadata_address"),
+        ("168.63.129.16", "metadata_address"),
+        ("224.0.0.1", "multicast_address"),
+        ("255.255.255.255", "broadcast_address"),
+        ("10.233.4.1", "jail_address"),
+        ("::ffff:127.0.0.1", "loopback_address"),
+    ],
+)
+def test_always_refused_classes(address, code):
+    for isolated in (False, True):
+        refusal = AddressGuard(isolated).check(address)
+        assert refusal is not None and refusal.reason_code == code
+
+
+def test_private_ranges_are_refused_only_in_isolated_modes_and_open_with_allow_private():
+    for address in ("10.1.2.3", "172.16.0.1", "192.168.1.1", "100.64.0.1", "fc00::1"):
+        assert AddressGuard(isolated=False).check(address) is None
+        refusal = AddressGuard(isolated=True).check(address)
+        assert refusal is not None and refusal.reason_code == "private_address"
+        assert f"--allow-private {address}/" in refusal.reason
+    opened = AddressGuard(isolated=True, allowed=networks("10.1.2.0/24"))
+    assert opened.check("10.1.2.3") is None
+    assert opened.check("10.1.3.1") is not None
+    assert AddressGuard(True, networks("10.0.0.0/8")).check("10.233.0.1").reason_code == "jail_address"
+    assert AddressGuard(False, networks("127.0.0.0/8")).check("127.0.0.1") is None
+
+
+def test_choose_skips_refused_addresses_and_never_resolves_twice():
+    guard = AddressGuard(isolated=False, allowed=networks("127.0.0.2/32"))
+    calls = []
+
+    async def fake_resolve(host, port):
+        calls.append(host)
+        return ["127.0.0.1", "127.0.0.2"]
+
+    guard.resolve = fake_resolve  # type: ignore[method-assign]
+    address, refusal = asyncio.run(guard.choose("rebind.test", 80))
+    assert (address, refusal, calls) == ("127.0.0.2", None, ["rebind.test"])
+
+
+class Recorder:
+    """A listener that records every connection it accepts."""
+
+    def __init__(self, host: str, port: int = 0) -> None:
+        self.sock = socket.create_server((host, port))
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[tuple] = []
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, addr = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(addr)
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def loopback_listener():
+    recorder = Recorder("127.0.0.1")
+    yield recorder
+    recorder.close()
+
+
+def test_loopback_in_every_notation_is_refused_through_the_proxy(jail_server, loopback_listener, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    server = jail_server("--js", "true", "--audit-log", str(audit))
+    port = loopback_listener.port
+    urls = [
+        f"http://127.0.0.1:{port}/",
+        f"http://2130706433:{port}/",
+        f"http://0177.0.0.1:{port}/",
+        f"http://127.1:{port}/",
+        f"http://[::ffff:127.0.0.1]:{port}/",
+        f"http://localhost:{port}/",
+    ]
+    for url in urls:
+        # Raw request lines: HTTP client libraries refuse some of these notations themselves.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            status, _, body = read_response(sock)
+        assert status == 403, url
+        assert b"--allow-private" in body
+    assert loopback_listener.accepted == []
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert {r["reason_code"] for r in records} == {"loopback_address"}
+    assert {r["address"] for r in records} <= {"127.0.0.1", "::1"}
+
+
+def test_allowed_request_records_the_dialled_address(jail_server, http_upstream, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    server = jail_server("--js", "true", "--audit-log", str(audit))
+    assert httpx.get(http_upstream.url("/a"), proxy=server.proxy_url, timeout=10).status_code == 200
+    (record,) = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert record["address"] == UPSTREAM_HOST and record["decision"] == "allow"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to map a test name in /etc/hosts")
+def test_a_name_resolving_to_loopback_first_never_gets_loopback_dialled(jail_server, http_upstream):
+    trap = Recorder("127.0.0.1", http_upstream.port)
+    hosts = Path("/etc/hosts")
+    original = hosts.read_text()
+    hosts.write_text(original + f"\n127.0.0.1 rebind.test\n{UPSTREAM_HOST} rebind.test\n")
+    try:
+        server = jail_server("--js", "true")
+        response = httpx.get(f"http://rebind.test:{http_upstream.port}/r", proxy=server.proxy_url, timeout=10)
+    finally:
+        hosts.write_text(original)
+        trap.close()
+    assert response.status_code == 200, response.text
+    assert trap.accepted == []
+    assert [r["host"] for r in http_upstream.requests] == [f"rebind.test:{http_upstream.port}"]
