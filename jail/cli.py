@@ -82,6 +82,9 @@ def rule_spec(
 ) -> RuleSpec:
     policies = "policy" if policy_files else None
     candidates = (("js", js), ("js_file", js_file), ("sh", sh), ("proc", proc), ("policy", policies))
+    for kind, value in candidates:
+        if value is not None and not value:
+            raise click.BadParameter("must not be empty", param_hint="--" + kind.replace("_", "-"))
     given = [(kind, value) for kind, value in candidates if value]
     if len(given) > 1:
         names = ", ".join("--" + kind.replace("_", "-") for kind, _ in given)

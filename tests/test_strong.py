@@ -323,10 +323,16 @@ def test_two_concurrent_jails_keep_their_own_rules(jail_env, named_upstreams):
     base = ["curl", "-s", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}"]
     loop = f"for i in 1 2 3 4 5; do {shlex.join(base)} http://{TEST_NAME}/$i; echo; done"
     allow = subprocess.Popen(
-        jail_argv("--js", "true", "--", "sh", "-c", loop), env=jail_env, stdout=subprocess.PIPE, text=True
+        jail_argv("--allow-private", f"{UPSTREAM_HOST}/32", "--js", "true", "--", "sh", "-c", loop),
+        env=jail_env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     deny = subprocess.Popen(
-        jail_argv("--js", "false", "--", "sh", "-c", loop), env=jail_env, stdout=subprocess.PIPE, text=True
+        jail_argv("--allow-private", f"{UPSTREAM_HOST}/32", "--js", "false", "--", "sh", "-c", loop),
+        env=jail_env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     allowed, _ = allow.communicate(timeout=60)
     denied, _ = deny.communicate(timeout=60)

@@ -33,12 +33,14 @@ globalThis.console = (() => {
 # the answer (`if (r.method === 'GET') true; else false`), as httpjail accepts. Both are
 # compiled once into a function; the statement form is evaluated by a direct eval, which V8
 # caches, so that `r` is in scope and the completion value is returned.
-CALL_TEMPLATE = """(function (requestJson) {
+# The rule body reaches V8 only as a JSON string given to the Function constructor, which parses
+# it as a function body on its own: rule text cannot close the wrapper and run at compile time.
+CALL_TEMPLATE = """((rule) => function (requestJson) {
   const r = JSON.parse(requestJson);
   __jail_logs = [];
-  const value = (%s);
+  const value = rule(r);
   return JSON.stringify({value: value, logs: __jail_logs});
-})"""
+})(new Function('r', %s))"""
 
 
 class JsEngine:
@@ -81,12 +83,12 @@ class JsEngine:
     def _compile(self, code: str) -> Any:
         assert self._racer is not None
         try:
-            return self._racer.eval(CALL_TEMPLATE % f"\n{code}\n").cancelable()
+            return self._racer.eval(CALL_TEMPLATE % json.dumps(f"return (\n{code}\n);")).cancelable()
         except JSEvalException:
             pass
         # Not an expression: check it parses as statements, then evaluate it for its completion value.
         self._racer.eval(f"new Function('r', {json.dumps(code)})")
-        return self._racer.eval(CALL_TEMPLATE % f"eval({json.dumps(code)})").cancelable()
+        return self._racer.eval(CALL_TEMPLATE % json.dumps(f"return eval({json.dumps(code)});")).cancelable()
 
     async def _watch_file(self) -> None:
         assert self.path is not None

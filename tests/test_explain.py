@@ -1,0 +1,145 @@
+"""`jail --explain`: what a jail would allow and restrict, said without starting anything."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+POLICY = """\
+default = "allow"
+
+[[rule]]
+name = "pypi-read"
+action = "allow"
+host = ["pypi.org", "*.pythonhosted.org"]
+port = 443
+scheme = "https"
+methods = ["GET", "HEAD"]
+path = "/simple/"
+max_tx_bytes = 0
+
+[[rule]]
+action = "deny"
+host = "github.com"
+methods = "POST"
+path = "**/git-receive-pack"
+reason = "no pushes"
+
+[hooks]
+sh = "test \\"$JAIL_METHOD\\" = GET"
+"""
+
+
+def netns_list() -> str | None:
+    if shutil.which("ip") is None:
+        return None
+    result = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return result.stdout if result.returncode == 0 else None
+
+
+def explain(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `jail --explain ARGS`, checking it is fast and leaves no network namespace behind."""
+    before = netns_list()
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "jail", "--explain", *args], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert time.monotonic() - started < 5, "--explain must not start anything"
+    assert netns_list() == before
+    return result
+
+
+def ok(*args: str) -> str:
+    result = explain(*args)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "filesystem: not restricted (no filesystem policy yet)" in result.stdout
+    return result.stdout
+
+
+def test_js_rule_with_a_command() -> None:
+    out = ok("--js", "r.host === 'pypi.org'", "--rule-timeout", "0.5", "--", "curl", "-s", "https://pypi.org/")
+    assert "engine: JavaScript (--js)" in out
+    assert "code: r.host === 'pypi.org'" in out
+    assert "rule timeout: 0.5 s (--rule-timeout)" in out
+    assert "command: would run curl -s https://pypi.org/" in out
+    assert "no rule" not in out
+    assert "mode: " in out
+
+
+def test_policy_file_lists_rules_in_order_default_and_hooks(tmp_path: Path) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text(POLICY)
+    log = tmp_path / "a.jsonl"
+    out = ok("--policy", str(policy), "--audit", "--fail-on-deny", "--audit-log", str(log), "--", "make", "test")
+    lines = out.splitlines()
+    first = next(index for index, line in enumerate(lines) if "1. allow" in line)
+    assert "2. deny" in lines[first + 1]
+    rule1, rule2 = lines[first], lines[first + 1]
+    for part in (
+        "host pypi.org|*.pythonhosted.org",
+        "port 443",
+        "scheme https",
+        "methods GET|HEAD",
+        "path /simple/",
+        "max_tx_bytes 0",
+        "name pypi-read",
+    ):
+        assert part in rule1, part
+    for part in ("host github.com", "any port", "any scheme", "methods POST", "path **/git-receive-pack"):
+        assert part in rule2, part
+    assert f"name {policy}:" in rule2 and "reason 'no pushes'" in rule2
+    assert f"default: allow (set at {policy}:1)" in out
+    assert "hooks: sh" in out
+    assert f"engine: policy files (--policy) {policy}" in out
+    assert "audit mode (--audit)" in out and "would-deny" in out
+    assert "fail on deny (--fail-on-deny)" in out
+    assert f"audit log: {log}" in out
+    assert not log.exists()
+
+
+def test_no_rule_denies_everything() -> None:
+    out = ok("--", "true")
+    assert "no rule: everything is denied" in out
+    assert "command: would run true" in out
+
+
+def test_weak_flag_says_weak() -> None:
+    out = ok("--weak", "--sh", "exit 0")
+    assert "mode: weak, because of --weak" in out
+    assert "engine: shell script (--sh)" in out
+    assert "script: exit 0" in out
+    assert "command: none given" in out
+
+
+def test_mode_without_weak_is_strong_or_weak_with_a_reason() -> None:
+    from jail.platform.netns import strong_mode_unavailable
+
+    out = ok("--proc", "python3 examples/allow_hosts.py pypi.org")
+    reason = strong_mode_unavailable()
+    expected = "mode: strong: own network namespace" if reason is None else f"mode: weak ({reason})"
+    assert expected in out
+    assert "program: python3 examples/allow_hosts.py pypi.org" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[rule]]\naction = "allow"\nhostt = "x"\n', "rule 1: unknown key 'hostt'"),
+        ("default = \n", "invalid TOML"),
+    ],
+)
+def test_a_broken_policy_file_is_one_line_on_stderr(tmp_path: Path, text: str, message: str) -> None:
+    policy = tmp_path / "bad.toml"
+    policy.write_text(text)
+    result = explain("--policy", str(policy), "--", "true")
+    assert result.returncode != 0
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"jail: error: {policy}:") and message in lines[0]
