@@ -123,6 +123,7 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--fail-on-deny", is_flag=True, help="Exit non-zero if any request was (or would have been) denied.")
 @click.option("--rule-timeout", type=float, metavar="S", help="Per-request rule timeout (JS 0.1 s, others 5 s).")
 @click.option("--weak", is_flag=True, help="Environment variables only (no OS isolation).")
+@click.option("--docker-run", is_flag=True, help="The command is `docker run` arguments: jail a container.")
 @click.option("--user", metavar="NAME", help="Run the command as this user (strong mode; default: $SUDO_UID).")
 @click.option("--cleanup", is_flag=True, help="Remove what killed jails left behind (namespaces, links, nft tables).")
 @click.option(
@@ -160,6 +161,7 @@ def main(
     fail_on_deny: bool,
     rule_timeout: float | None,
     weak: bool,
+    docker_run: bool,
     user: str | None,
     cleanup: bool,
     timeout: float | None,
@@ -208,6 +210,7 @@ def main(
         audit_mode=audit_mode,
         fail_on_deny=fail_on_deny,
         user=user,
+        docker_run=docker_run,
         allow_private=tuple(parse_cidr(value) for value in allow_private),
     )
     if explain:

@@ -47,6 +47,7 @@ class JailConfig:
     audit_mode: bool = False
     fail_on_deny: bool = False
     user: str | None = None
+    docker_run: bool = False
     allow_private: tuple[str, ...] = ()
 
 
@@ -143,7 +144,7 @@ class Session:
         self.stack.callback(transport.close)
 
     async def _run_child(self) -> int:
-        backend = select_backend(self.jail_id, self.config.weak, self.config.user)
+        backend = select_backend(self.jail_id, self.config.weak, self.config.user, self.config.docker_run)
         logger.info("jail %s: %s mode", self.jail_id, backend.name)
         # Teardown is registered first: a half-prepared backend is removed too.
         self.stack.push_async_callback(backend.teardown)

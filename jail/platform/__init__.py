@@ -34,11 +34,15 @@ class Backend(Protocol):
     async def teardown(self) -> None: ...
 
 
-def select_backend(jail_id: str, weak: bool, user: str | None = None) -> Backend:
+def select_backend(jail_id: str, weak: bool, user: str | None = None, docker_run: bool = False) -> Backend:
     """The strongest backend available: a network namespace as root, else weak mode (said once on stderr)."""
     from jail.platform.netns import NetnsBackend, strong_mode_unavailable
     from jail.platform.weak import WeakBackend
 
+    if docker_run:
+        from jail.platform.docker import DockerBackend
+
+        return DockerBackend(jail_id)
     if weak:
         return WeakBackend(jail_id)
     reason = strong_mode_unavailable()
