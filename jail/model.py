@@ -54,6 +54,33 @@ def normalize_host(host: str) -> str:
         raise ValueError(f"invalid host name {host!r}: {exc}") from None
 
 
+DOT_ESCAPE = re.compile("%2e", re.IGNORECASE)
+
+
+def canonical_path(path: str) -> str:
+    """RFC 3986 dot-segment removal, also for percent-encoded dots: `/ok/%2e%2e/admin` is `/admin`.
+
+    Other escapes stay as they are (an encoded slash `%2F` is data to APIs such as GitLab's).
+    """
+    if not path.startswith("/"):
+        return path or "/"
+    output: list[str] = []
+    segments = DOT_ESCAPE.sub(".", path).split("/")[1:]
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if segment == ".":
+            if last:
+                output.append("")
+        elif segment == "..":
+            if output:
+                output.pop()
+            if last:
+                output.append("")
+        else:
+            output.append(segment)
+    return "/" + "/".join(output)
+
+
 def format_authority(scheme: str, host: str, port: int) -> str:
     """`host[:port]`, IPv6 in brackets, the scheme's default port left out."""
     shown = f"[{host}]" if ":" in host else host
@@ -91,7 +118,7 @@ class Request:
             scheme=scheme,
             host=normalize_host(host),
             port=port if port is not None else DEFAULT_PORTS.get(scheme, 80),
-            path=path or "/",
+            path=canonical_path(path),
             query=query,
             headers={k.lower(): v for k, v in (headers or {}).items()},
             requester_ip=requester_ip,

@@ -52,6 +52,21 @@ def redirected_destination(flow: http.HTTPFlow) -> str:
     return host
 
 
+FORBIDDEN_HEADER_BYTES = (b"\r", b"\n", b"\x00")
+
+
+def ambiguity(flow: http.HTTPFlow) -> str | None:
+    """Why the request could be read differently by the upstream, if it could (smuggling)."""
+    for name, value in flow.request.headers.fields:
+        if any(byte in name or byte in value for byte in FORBIDDEN_HEADER_BYTES):
+            return "a header holds CR, LF or NUL (obs-fold or bare CR): the request is ambiguous"
+    if len(flow.request.headers.get_all("content-length")) > 1 or (
+        "content-length" in flow.request.headers and "transfer-encoding" in flow.request.headers
+    ):
+        return "conflicting Content-Length / Transfer-Encoding headers: the request is ambiguous"
+    return None
+
+
 def request_from_flow(flow: http.HTTPFlow, host: str | None = None) -> Request:
     """The request as the rule must see it: the destination mitmproxy would dial, the real method and path."""
     req = flow.request
@@ -155,6 +170,9 @@ class PolicyAddon:
         except ValueError as exc:
             self._refuse(flow, Judged(started, None, Decision.denied(str(exc), "bad_request")), 400)
             return
+        if (problem := ambiguity(flow)) is not None:
+            self._refuse(flow, Judged(started, request, Decision.denied(problem, "malformed_request")), 400)
+            return
         if self._is_proxy_itself(request):
             decision = Decision.denied("request addressed to jail's own proxy (loop refused)", "proxy_loop")
         else:
@@ -186,10 +204,12 @@ class PolicyAddon:
 
     def _pin_destination(self, flow: http.HTTPFlow, request: Request, address: str) -> None:
         """Forward exactly what was judged: to the address the guard checked (never looked up
-        again), on the judged port, with a Host header naming the judged authority."""
+        again), on the judged port, with a Host header naming the judged authority and the
+        canonical path the rule saw."""
         flow.request.host = address
         flow.request.port = request.port
         flow.request.host_header = request.authority
+        flow.request.path = request.path + (f"?{request.query}" if request.query else "")
         self.destinations.permit(flow.client_conn.id, address, request.port, request.host)
 
     def _refuse(self, flow: http.HTTPFlow, judged: Judged, status: int) -> None:
@@ -218,6 +238,15 @@ class PolicyAddon:
         self._record(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if METADATA_KEY not in flow.metadata and flow.error is not None:
+            # mitmproxy refused the request before any hook (e.g. Content-Length with
+            # Transfer-Encoding): audit the refusal too.
+            try:
+                request = request_from_flow(flow)
+            except ValueError:
+                return
+            refusal = Decision.denied(f"refused by the proxy: {flow.error.msg}", "protocol_error")
+            flow.metadata[METADATA_KEY] = Judged(flow.request.timestamp_start, request, refusal)
         self._record(flow)
 
     def client_disconnected(self, client: connection.Client) -> None:
@@ -229,8 +258,9 @@ class PolicyAddon:
             return
         judged.logged = True
         response = flow.response
+        default_status = 400 if judged.decision.reason_code == "protocol_error" else 502
         outcome = Outcome(
-            status=response.status_code if response is not None else 502,
+            status=response.status_code if response is not None else default_status,
             bytes_up=judged.upload.count if judged.upload else len(flow.request.raw_content or b""),
             bytes_down=judged.download.count
             if judged.download
