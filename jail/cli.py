@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import click
 from jail import __version__
 from jail.model import JailError, Request
 from jail.policies import RuleSpec
+from jail.proxy.secrets import Secret, parse_secret_spec
 from jail.session import JailConfig, Session, check_rule
 
 USAGE_EXIT_STATUS = 2
@@ -61,6 +63,16 @@ def parse_listen(value: str, public: bool) -> tuple[str, int]:
             f"{host} is not a loopback address; add --listen-public to expose the proxy", param_hint="--listen"
         )
     return host, int(port_text)
+
+
+def parse_secrets(specs: tuple[str, ...], files: tuple[str, ...]) -> tuple[Secret, ...]:
+    paths = {}
+    for item in files:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{item!r} is not NAME=PATH", param_hint="--secret-file")
+        paths[name] = path
+    return tuple(parse_secret_spec(spec, dict(os.environ), paths) for spec in specs)
 
 
 def parse_cidr(value: str) -> str:
@@ -139,6 +151,20 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
     "--audit-log", type=click.Path(dir_okay=False, path_type=Path), help="Append one JSON object per request."
 )
 @click.option("--log-header-values", is_flag=True, help="Put header values (not only names) in the audit log.")
+@click.option(
+    "--secret",
+    "secret_specs",
+    multiple=True,
+    metavar="NAME=HOST[,HOST]",
+    help="Child gets a placeholder for $NAME; the proxy swaps in the real value for these hosts only.",
+)
+@click.option(
+    "--secret-file",
+    "secret_files",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Read secret NAME's value from PATH instead of jail's environment.",
+)
 @click.option("--allow-private", multiple=True, metavar="CIDR", help="Let the proxy reach this private/loopback range.")
 @click.option("--upstream-ca", type=EXISTING_FILE, help="Also trust this CA for upstream servers.")
 @click.option("--test", "test_flag", is_flag=True, hidden=True)
@@ -168,6 +194,8 @@ def main(
     request_log: Path | None,
     audit_log: Path | None,
     log_header_values: bool,
+    secret_specs: tuple[str, ...],
+    secret_files: tuple[str, ...],
     allow_private: tuple[str, ...],
     upstream_ca: Path | None,
     test_flag: bool,
@@ -212,6 +240,7 @@ def main(
         user=user,
         docker_run=docker_run,
         allow_private=tuple(parse_cidr(value) for value in allow_private),
+        secrets=parse_secrets(secret_specs, secret_files),
     )
     if explain:
         from jail.explain import explain as explain_text
@@ -229,6 +258,8 @@ def main(
     if server:
         if command:
             raise click.UsageError("--server takes no command")
+        if secret_specs:
+            raise click.UsageError("--secret needs a command to hand the placeholder to (not --server)")
         config.listen = parse_listen(listen or "127.0.0.1:8080", listen_public)
     elif listen:
         raise click.UsageError("--listen only goes with --server")

@@ -19,6 +19,7 @@ from jail.model import ProxyEndpoint, Request
 from jail.platform import select_backend
 from jail.platform.process import Child, ChildError
 from jail.policies import Judge, RuleSpec, build_engine
+from jail.proxy.secrets import Secret
 
 logger = logging.getLogger("jail")
 
@@ -49,6 +50,7 @@ class JailConfig:
     user: str | None = None
     docker_run: bool = False
     allow_private: tuple[str, ...] = ()
+    secrets: tuple[Secret, ...] = ()
 
 
 def new_jail_id() -> str:
@@ -120,6 +122,7 @@ class Session:
     async def _start_proxy(self, listen: tuple[str, int], transparent: bool, isolated: bool) -> ProxyEndpoint:
         from jail.proxy import start_proxy
         from jail.proxy.guard import AddressGuard, networks
+        from jail.proxy.secrets import Vault
 
         endpoint, stop = await start_proxy(
             listen=listen,
@@ -129,6 +132,7 @@ class Session:
             upstream_ca=self.config.upstream_ca,
             workdir=self.workdir,
             guard=AddressGuard(isolated, networks(*self.config.allow_private)),
+            vault=Vault(self.config.secrets),
             transparent=transparent,
         )
         self.stack.push_async_callback(stop)
@@ -156,6 +160,8 @@ class Session:
         if (dns := backend.dns_address()) is not None:
             await self._start_resolver(dns, backend.proxy_listen_host())
         env = backend.child_environment(dict(os.environ), proxy)
+        # The child holds placeholders only; the real values stay in jail.
+        env.update({secret.name: secret.placeholder for secret in self.config.secrets})
         child = Child(backend.child_command(self.config.command), env, self.jail_id)
         if self.signals.stopping.is_set():
             return 128 + self.signals.received[0]

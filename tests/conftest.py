@@ -70,6 +70,9 @@ class EchoHandler(BaseHTTPRequestHandler):
         if self.path.startswith("/ws") and self.headers.get("upgrade", "").lower() == "websocket":
             self._websocket_echo()
             return
+        if self.path.startswith("/echo-chunked"):
+            self._send_chunked(json.dumps(record).encode())
+            return
         if self.path.startswith("/bytes/"):
             payload = b"x" * int(self.path.rsplit("/", 1)[1])
         else:
@@ -79,6 +82,18 @@ class EchoHandler(BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+    def _send_chunked(self, payload: bytes, size: int = 7) -> None:
+        """Small chunks, flushed one by one, so a value in the body is split across them."""
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for start in range(0, len(payload), size):
+            piece = payload[start : start + size]
+            self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
 
     def _read_chunked(self) -> bytes:
         body = b""

@@ -11,6 +11,7 @@ from jail.model import ProxyEndpoint
 from jail.proxy.addon import Decide, PolicyAddon
 from jail.proxy.ca import CertificateAuthority, upstream_trust_bundle
 from jail.proxy.guard import AddressGuard
+from jail.proxy.secrets import Vault
 from jail.proxy.server import EmbeddedProxy, ProxySettings
 
 
@@ -22,6 +23,7 @@ async def start_proxy(
     upstream_ca: Path | None,
     workdir: Path,
     guard: AddressGuard,
+    vault: Vault,
     transparent: bool = False,
 ) -> tuple[ProxyEndpoint, Callable[[], Awaitable[None]]]:
     """Start the proxy; return where clients reach it and the coroutine function that stops it.
@@ -33,7 +35,7 @@ async def start_proxy(
     trust = upstream_trust_bundle(upstream_ca, workdir) if upstream_ca else None
     transparent_port = free_port(listen[0]) if transparent else None
     settings = ProxySettings(listen[0], listen[1], ca.directory, trust, transparent_port)
-    proxy = EmbeddedProxy(settings, PolicyAddon(decide, audit, guard))
+    proxy = EmbeddedProxy(settings, PolicyAddon(decide, audit, guard, vault))
     host, port = await proxy.start()
     return ProxyEndpoint(host, port, ca.cert_path, ca.bundle_path, transparent_port), proxy.stop
 

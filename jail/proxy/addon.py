@@ -20,6 +20,7 @@ from mitmproxy.proxy.mode_specs import TransparentMode
 from jail.audit import AuditSink, Outcome
 from jail.model import Decision, Request
 from jail.proxy.guard import AddressGuard
+from jail.proxy.secrets import Secret, Vault
 
 logger = logging.getLogger("jail.proxy")
 
@@ -96,17 +97,22 @@ def deny_response(request: Request | None, decision: Decision, status: int = 403
 
 
 class ByteCounter:
-    """A mitmproxy stream callable that counts bytes and, given a limit, cuts the rest."""
+    """A mitmproxy stream callable that counts bytes and, given a limit, cuts the rest; an optional
+    transform (secret masking) runs first."""
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, transform: Callable[[bytes], bytes] | None = None) -> None:
         self.limit = limit
+        self.transform = transform
         self.count = 0
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> bytes | list[bytes]:
+        if self.transform is not None:
+            chunk = self.transform(chunk)
         if self.limit is not None:
             chunk = chunk[: max(0, self.limit - self.count)]
         self.count += len(chunk)
-        return chunk
+        # An empty chunk on a chunked HTTP/1 connection would read as the end of the body.
+        return chunk if chunk else []
 
 
 @dataclass
@@ -139,11 +145,22 @@ class Destinations:
         self.allowed.pop(client_id, None)
 
 
+# (decision, HTTP status, the address refused if any)
+Refusal = tuple[Decision, int, str]
+
+
+def secret_leak_reason(leaks: list[Secret], request: Request) -> str:
+    names = ", ".join(sorted(s.name for s in leaks))
+    hosts = ", ".join(sorted({h for s in leaks for h in s.hosts}))
+    return f"request carries the placeholder of secret {names} to {request.scheme}://{request.host}; it is only for https://{hosts}"
+
+
 class PolicyAddon:
-    def __init__(self, decide: Decide, audit: AuditSink, guard: AddressGuard) -> None:
+    def __init__(self, decide: Decide, audit: AuditSink, guard: AddressGuard, vault: Vault | None = None) -> None:
         self.decide = decide
         self.audit = audit
         self.guard = guard
+        self.vault = vault or Vault()
         self.destinations = Destinations()
         self.own_addresses: set[tuple[str, int]] = set()
 
@@ -159,48 +176,73 @@ class PolicyAddon:
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         started = time.time()
+        request, refusal = self._read(flow)
+        if refusal is None:
+            assert request is not None
+            refusal = await self._judge(flow, request)
+        if refusal is not None:
+            decision, status, address = refusal
+            self._refuse(flow, Judged(started, request, decision, address=address), status)
+            return
+        assert request is not None
+        judged: Judged = flow.metadata[METADATA_KEY]
+        judged.started = started
+        if judged.decision.max_tx_bytes is not None or flow.request.stream:
+            judged.upload = ByteCounter(judged.decision.max_tx_bytes)
+            flow.request.stream = judged.upload
+
+    def _read(self, flow: http.HTTPFlow) -> tuple[Request | None, Refusal | None]:
+        """The request to judge, or why it cannot be judged at all."""
         try:
             named = redirected_destination(flow) if isinstance(flow.client_conn.proxy_mode, TransparentMode) else None
             request = request_from_flow(flow, named)
         except NoDestination as exc:
-            self._refuse(
-                flow, Judged(started, request_from_flow(flow), Decision.denied(str(exc), exc.reason_code)), 403
-            )
-            return
+            return request_from_flow(flow), (Decision.denied(str(exc), exc.reason_code), 403, "")
         except ValueError as exc:
-            self._refuse(flow, Judged(started, None, Decision.denied(str(exc), "bad_request")), 400)
-            return
+            return None, (Decision.denied(str(exc), "bad_request"), 400, "")
         if (problem := ambiguity(flow)) is not None:
-            self._refuse(flow, Judged(started, request, Decision.denied(problem, "malformed_request")), 400)
-            return
+            return request, (Decision.denied(problem, "malformed_request"), 400, "")
+        return request, None
+
+    async def _judge(self, flow: http.HTTPFlow, request: Request) -> Refusal | None:
+        """Ask the rule, then the checks no rule can waive; on success the flow is pinned to what was judged."""
         if self._is_proxy_itself(request):
-            decision = Decision.denied("request addressed to jail's own proxy (loop refused)", "proxy_loop")
-        else:
-            decision = await self.decide(request)
-        judged = Judged(started, request, decision)
+            return Decision.denied("request addressed to jail's own proxy (loop refused)", "proxy_loop"), 403, ""
+        decision = await self.decide(request)
         if not decision.allow:
-            self._refuse(flow, judged, 403)
-            return
+            return decision, 403, ""
+
+        def refused(reason: str, code: str) -> Decision:
+            return Decision.denied(reason, code).stamped(decision.engine, decision.rule_us)
+
         limit = decision.max_tx_bytes
         declared = flow.request.headers.get("content-length", "")
         if limit is not None and declared.isdigit() and int(declared) > limit:
-            refusal = Decision.denied(
-                f"upload of {declared} bytes exceeds the rule's max_tx_bytes of {limit}", "max_tx_bytes"
-            ).stamped(decision.engine, decision.rule_us)
-            self._refuse(flow, Judged(started, request, refusal), 413)
-            return
-        address, refusal = await self.guard.choose(request.host, request.port)
-        if refusal is not None:
-            refused = Decision.denied(refusal.reason, refusal.reason_code).stamped(decision.engine, decision.rule_us)
-            self._refuse(flow, Judged(started, request, refused, address=refusal.address), 403)
-            return
+            reason = f"upload of {declared} bytes exceeds the rule's max_tx_bytes of {limit}"
+            return refused(reason, "max_tx_bytes"), 413, ""
+        carried = self.vault.carried([*flow.request.headers.values(), request.query, request.path])
+        if leaks := self.vault.leaks(carried, request.host, request.scheme):
+            return refused(secret_leak_reason(leaks, request), "secret_leak"), 403, ""
+        address, guard_refusal = await self.guard.choose(request.host, request.port)
+        if guard_refusal is not None:
+            return refused(guard_refusal.reason, guard_refusal.reason_code), 403, guard_refusal.address
         assert address is not None
-        judged.address = address
         self._pin_destination(flow, request, address)
-        if limit is not None or flow.request.stream:
-            judged.upload = ByteCounter(limit)
-            flow.request.stream = judged.upload
-        flow.metadata[METADATA_KEY] = judged
+        if carried:
+            self._inject(flow, carried)
+        flow.metadata[METADATA_KEY] = Judged(0.0, request, decision, address=address)
+        return None
+
+    def _inject(self, flow: http.HTTPFlow, carried: list[Secret]) -> None:
+        """Real values in, only now that the destination is pinned; the response comes back uncompressed
+        so that an echoed value can be masked again."""
+        headers = flow.request.headers
+        for name in {name.lower() for name in headers}:
+            values = headers.get_all(name)
+            if (swapped := [self.vault.inject(value, carried) for value in values]) != values:
+                headers.set_all(name, swapped)
+        flow.request.path = self.vault.inject(flow.request.path, carried)
+        headers.pop("accept-encoding", None)
 
     def _pin_destination(self, flow: http.HTTPFlow, request: Request, address: str) -> None:
         """Forward exactly what was judged: to the address the guard checked (never looked up
@@ -228,10 +270,29 @@ class PolicyAddon:
             # The TLS name is the judged host, never the client's own SNI (no fronting).
             data.server.sni = name
 
+    def request(self, flow: http.HTTPFlow) -> None:
+        """A buffered body is checked for placeholders before anything is sent (streamed bodies are not)."""
+        judged: Judged | None = flow.metadata.get(METADATA_KEY)
+        if judged is None or judged.request is None or not judged.decision.allow or not self.vault:
+            return
+        body = (flow.request.raw_content or b"").decode("latin-1")
+        if leaks := self.vault.leaks(self.vault.carried([body]), judged.request.host, judged.request.scheme):
+            refusal = Decision.denied(secret_leak_reason(leaks, judged.request), "secret_leak")
+            self._refuse(flow, Judged(judged.started, judged.request, refusal), 403)
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        judged = flow.metadata.get(METADATA_KEY)
-        if judged is not None and flow.response is not None and flow.response.stream is True:
-            judged.download = ByteCounter()
+        judged: Judged | None = flow.metadata.get(METADATA_KEY)
+        if judged is None or flow.response is None or judged.request is None or not judged.decision.allow:
+            return
+        masker = self.vault.masker(judged.request.host)
+        if masker is not None:
+            headers = flow.response.headers
+            for name in {name.lower() for name in headers}:
+                values = headers.get_all(name)
+                if (masked := [masker.mask(v.encode()).decode() for v in values]) != values:
+                    headers.set_all(name, masked)
+        if flow.response.stream is True or masker is not None:
+            judged.download = ByteCounter(transform=masker)
             flow.response.stream = judged.download
 
     def response(self, flow: http.HTTPFlow) -> None:

