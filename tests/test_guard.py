@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -208,3 +210,59 @@ def test_ambiguous_requests_are_refused_and_audited(jail_server, http_upstream, 
     if b"Content-Length: 6" in headers:
         return  # mitmproxy's HTTP/1 reader refuses this before a flow exists: nothing to audit
     assert records and all(r["status"] == 400 and r["decision"] == "deny" for r in records)
+
+
+def test_each_request_on_a_keep_alive_connection_is_judged(jail_server, http_upstream):
+    server = jail_server("--js", "r.path === '/first'")
+    with httpx.Client(proxy=server.proxy_url, timeout=10) as client:
+        assert client.get(http_upstream.url("/first")).status_code == 200
+        assert client.get(http_upstream.url("/second")).status_code == 403
+        assert client.get(http_upstream.url("/first")).status_code == 200
+    assert [r["path"] for r in http_upstream.requests] == ["/first", "/first"]
+
+
+@pytest.fixture
+def dummy_targets():
+    """Listeners on a cloud-metadata address and a private address, on an interface the test adds
+    (a veth pair: this kernel may lack the dummy driver)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to add an interface")
+    link = f"jtd{os.getpid() % 100000}"
+    subprocess.run(["ip", "link", "add", link, "type", "veth", "peer", "name", f"{link}p"], check=True)
+    try:
+        subprocess.run(["ip", "link", "set", f"{link}p", "up"], check=True)
+        for address in ("169.254.169.254/32", "10.77.0.1/32"):
+            subprocess.run(["ip", "addr", "add", address, "dev", link], check=True)
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+        recorders = {
+            name: Recorder(address) for name, address in (("metadata", "169.254.169.254"), ("private", "10.77.0.1"))
+        }
+        yield recorders
+        for recorder in recorders.values():
+            recorder.close()
+    finally:
+        subprocess.run(["ip", "link", "delete", link], check=False)
+
+
+CURL_ALL = 'for u in "$@"; do curl -s -o /dev/null -w \'%{http_code} \' --max-time 10 "$u"; done'
+
+
+def test_metadata_and_private_listeners_are_never_dialled(run_jail, dummy_targets):
+    metadata, private = dummy_targets["metadata"], dummy_targets["private"]
+    urls = [
+        f"http://169.254.169.254:{metadata.port}/latest/meta-data/",
+        f"http://2852039166:{metadata.port}/",
+        f"http://[::ffff:169.254.169.254]:{metadata.port}/",
+        f"http://10.77.0.1:{private.port}/",
+        f"http://0x0a.77.0.1:{private.port}/",
+    ]
+    weak = run_jail("--weak", "--js", "true", "--", "sh", "-c", CURL_ALL, "sh", *urls).stdout.split()
+    # Weak mode refuses metadata; private ranges stay open there (the child could reach them anyway):
+    # the recorder accepts and hangs up, so the proxy answers 502.
+    assert weak == ["403", "403", "403", "502", "502"], weak
+    assert len(private.accepted) == 2
+    if shutil.which("nft") is not None:
+        strong = run_jail("--js", "true", "--", "sh", "-c", CURL_ALL, "sh", *urls).stdout.split()
+        assert strong == ["403"] * 5, strong
+        assert len(private.accepted) == 2, "strong mode must not dial a private address"
+    assert metadata.accepted == []
