@@ -41,9 +41,18 @@ def explain(config: JailConfig) -> str:
     lines += _logs(config)
     if config.timeout is not None:
         lines.append(f"timeout: the command is killed after {config.timeout:g} s (exit 124)")
-    private = getattr(config, "allow_private", ())
+    private = config.allow_private
     if private:
         lines.append(f"private ranges the proxy may reach (--allow-private): {', '.join(private)}")
+    lines.append(
+        "address guard: loopback, link-local/metadata, multicast, broadcast and jail's own addresses are refused"
+        + ("; private ranges too" if _mode(config).startswith("strong") else "")
+    )
+    for secret in config.secrets:
+        # Names and hosts only: the value never appears here.
+        lines.append(
+            f"secret {secret.name}: placeholder in the child, real value only for https://{', '.join(sorted(secret.hosts))}"
+        )
     if config.upstream_ca is not None:
         lines.append(f"upstream CA: also trusts {config.upstream_ca} for upstream servers")
     lines.append("filesystem: not restricted (no filesystem policy yet)")

@@ -102,3 +102,20 @@ def test_real_value_never_reaches_logs_or_diagnostics(secret_run):
     assert sum(r["reason_code"] == "secret_leak" for r in records) == 3
     for text in (audit.read_text(), requests.read_text(), result.stderr, result.stdout):
         assert REAL not in text
+
+
+def test_explain_names_secrets_but_never_their_value(run_jail, jail_env):
+    result = run_jail(
+        "--explain", "--secret", "API_TOKEN=api.example.com", "--js", "true", env={**jail_env, "API_TOKEN": REAL}
+    )
+    assert "secret API_TOKEN" in result.stdout and "api.example.com" in result.stdout
+    assert REAL not in result.stdout + result.stderr
+
+
+def test_secret_without_a_value_is_one_clear_line(run_jail, jail_env):
+    env = {k: v for k, v in jail_env.items() if k != "API_TOKEN"}
+    result = run_jail("--secret", "API_TOKEN=api.example.com", "--js", "true", "--", "true", env=env)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "jail: error: --secret API_TOKEN: set API_TOKEN in jail's environment or give --secret-file API_TOKEN=PATH"
+    ]
