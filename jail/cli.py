@@ -84,6 +84,24 @@ def parse_cidr(value: str) -> str:
         ) from None
 
 
+def filesystem_policy(
+    allow_write: tuple[str, ...],
+    read_only: bool,
+    deny_read: tuple[str, ...],
+    protect: tuple[str, ...],
+    allow_unix_socket: tuple[str, ...],
+    no_fs_restrictions: bool,
+):
+    """The command's filesystem policy (None with --no-fs-restrictions)."""
+    if no_fs_restrictions:
+        return None
+    if read_only and allow_write:
+        raise click.UsageError("--read-only and --allow-write contradict each other")
+    from jail.platform.confine import build_policy
+
+    return build_policy(allow_write, read_only, deny_read, protect, allow_unix_socket)
+
+
 def rule_spec(
     js: str | None,
     js_file: str | None,
@@ -167,6 +185,13 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 @click.option("--allow-private", multiple=True, metavar="CIDR", help="Let the proxy reach this private/loopback range.")
 @click.option("--upstream-ca", type=EXISTING_FILE, help="Also trust this CA for upstream servers.")
+# Filesystem confinement (jail/platform/confine.py).
+@click.option("--allow-write", multiple=True, metavar="PATH", help="Writable folder (default: the current one).")
+@click.option("--read-only", is_flag=True, help="No writes at all but to a private temp dir ($TMPDIR).")
+@click.option("--deny-read", multiple=True, metavar="PATH", help="Also unreadable (added to ~/.ssh, ~/.aws, ...).")
+@click.option("--protect", multiple=True, metavar="PATH", help="Read-only even inside a writable folder.")
+@click.option("--allow-unix-socket", multiple=True, metavar="PATH", help="Allow Unix sockets (see README).")
+@click.option("--no-fs-restrictions", is_flag=True, help="No filesystem restrictions at all.")
 @click.option("--test", "test_flag", is_flag=True, hidden=True)
 @click.option("--test-url", hidden=True)
 @click.option("--test-method", hidden=True, default="GET")
@@ -198,6 +223,12 @@ def main(
     secret_files: tuple[str, ...],
     allow_private: tuple[str, ...],
     upstream_ca: Path | None,
+    allow_write: tuple[str, ...],
+    read_only: bool,
+    deny_read: tuple[str, ...],
+    protect: tuple[str, ...],
+    allow_unix_socket: tuple[str, ...],
+    no_fs_restrictions: bool,
     test_flag: bool,
     test_url: str | None,
     test_method: str,
@@ -240,6 +271,7 @@ def main(
         user=user,
         docker_run=docker_run,
         allow_private=tuple(parse_cidr(value) for value in allow_private),
+        filesystem=filesystem_policy(allow_write, read_only, deny_read, protect, allow_unix_socket, no_fs_restrictions),
         secrets=parse_secrets(secret_specs, secret_files),
     )
     if explain:

@@ -55,7 +55,7 @@ def explain(config: JailConfig) -> str:
         )
     if config.upstream_ca is not None:
         lines.append(f"upstream CA: also trusts {config.upstream_ca} for upstream servers")
-    lines.append("filesystem: not restricted (no filesystem policy yet)")
+    lines.extend(_filesystem(config))
     return "\n".join(lines)
 
 
@@ -174,4 +174,19 @@ def _logs(config: JailConfig) -> list[str]:
         lines.append(f"audit log: {config.audit_log} (one JSON object per request, {values})")
     if not lines:
         lines.append("logs: none")
+    return lines
+
+
+def _filesystem(config: JailConfig) -> list[str]:
+    policy = config.filesystem
+    if policy is None or not policy.enabled:
+        return ["filesystem: not restricted (--no-fs-restrictions)"]
+    writable = "nothing but a private temp dir (--read-only)" if policy.read_only else ", ".join(policy.allow_write)
+    lines = [
+        "filesystem (Landlock): everything readable except the denied paths; writes only where allowed",
+        f"  writable: {writable}" + ("" if policy.read_only else " and a private temp dir"),
+        f"  unreadable: {', '.join(policy.deny_read) or 'nothing'}",
+        f"  always read-only: {', '.join(policy.protect) or 'nothing'}",
+        f"  unix sockets: {', '.join(policy.allow_unix_sockets) or 'none may be opened'}",
+    ]
     return lines

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import re
 import socket
+import string
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,18 +55,23 @@ def normalize_host(host: str) -> str:
         raise ValueError(f"invalid host name {host!r}: {exc}") from None
 
 
-DOT_ESCAPE = re.compile("%2e", re.IGNORECASE)
+PERCENT_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+
+
+def _decode_unreserved(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in UNRESERVED else match.group(0)
 
 
 def canonical_path(path: str) -> str:
-    """RFC 3986 dot-segment removal, also for percent-encoded dots: `/ok/%2e%2e/admin` is `/admin`.
-
-    Other escapes stay as they are (an encoded slash `%2F` is data to APIs such as GitLab's).
-    """
+    """RFC 3986 normalisation: percent-escaped unreserved characters decoded (so `%2e%2e` is `..`),
+    then dot segments removed: `/ok/%2e%2e/admin` is `/admin`. Other escapes stay as they are (an
+    encoded slash `%2F` is data to APIs such as GitLab's)."""
     if not path.startswith("/"):
         return path or "/"
     output: list[str] = []
-    segments = DOT_ESCAPE.sub(".", path).split("/")[1:]
+    segments = PERCENT_ESCAPE.sub(_decode_unreserved, path).split("/")[1:]
     for index, segment in enumerate(segments):
         last = index == len(segments) - 1
         if segment == ".":

@@ -17,6 +17,7 @@ from pathlib import Path
 from jail.audit import AuditSink
 from jail.model import ProxyEndpoint, Request
 from jail.platform import select_backend
+from jail.platform.confine import FsPolicy, confine_command
 from jail.platform.process import Child, ChildError
 from jail.policies import Judge, RuleSpec, build_engine
 from jail.proxy.secrets import Secret
@@ -51,6 +52,8 @@ class JailConfig:
     docker_run: bool = False
     allow_private: tuple[str, ...] = ()
     secrets: tuple[Secret, ...] = ()
+    # Filesystem confinement of the command (None: none); see jail/platform/confine.py.
+    filesystem: FsPolicy | None = None
 
 
 def new_jail_id() -> str:
@@ -162,7 +165,7 @@ class Session:
         env = backend.child_environment(dict(os.environ), proxy)
         # The child holds placeholders only; the real values stay in jail.
         env.update({secret.name: secret.placeholder for secret in self.config.secrets})
-        child = Child(backend.child_command(self.config.command), env, self.jail_id)
+        child = Child(confine_command(self.config.filesystem, backend, self.config.command), env, self.jail_id)
         if self.signals.stopping.is_set():
             return 128 + self.signals.received[0]
         try:

@@ -64,7 +64,7 @@ def ok(*args: str) -> str:
     result = explain(*args)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    assert "filesystem: not restricted (no filesystem policy yet)" in result.stdout
+    assert "filesystem (Landlock)" in result.stdout and "unix sockets: none may be opened" in result.stdout
     return result.stdout
 
 

@@ -53,7 +53,7 @@ def test_sigterm_is_passed_to_the_child_and_jail_exits_with_its_status(jail_env,
         time.sleep(60)
     """)
     process = subprocess.Popen(
-        jail_argv("--js", "true", "--", sys.executable, "-c", child),
+        jail_argv("--allow-write", str(tmp_path), "--js", "true", "--", sys.executable, "-c", child),
         env=jail_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

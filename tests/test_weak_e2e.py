@@ -4,11 +4,33 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import sys
 
 import pytest
 
+from tests.conftest import UPSTREAM_HOST, start_upstream
+
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
+# Upstreams of this module's own: the session-wide ones have served hundreds of connections by now,
+# and a fresh server keeps these end-to-end checks independent of what ran before.
+@pytest.fixture(scope="module")
+def http_upstream():
+    upstream = start_upstream("http", None)
+    yield upstream
+    upstream.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def https_upstream(test_ca):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    test_ca.issue_cert(UPSTREAM_HOST, "localhost").configure_cert(context)
+    upstream = start_upstream("https", context)
+    yield upstream
+    upstream.server.shutdown()
+
 
 CURL = ["curl", "-sS", "--max-time", "20", "--suppress-connect-headers"]
 ENGINES = {

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from jail.model import JailError, format_authority
+from jail.model import JailError, canonical_path, format_authority
 
 VERDICTS = ("allow", "deny", "would_deny")
 REFUSED = frozenset({"deny", "would_deny"})
@@ -743,8 +743,6 @@ HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
 METHOD_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # A policy `path` with `*` or `?` is a glob, not a prefix.
 GLOB_CHARS = re.compile(r"[*?]")
-_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
 def plain_host(host: str) -> bool:
@@ -759,9 +757,7 @@ def plain_host(host: str) -> bool:
 def canonical(path: str) -> bool:
     """No `.`/`..` segment and no percent-escaped unreserved character: a policy's path prefix never
     allows a path that is not canonical (it fails closed), so such paths need a rule without `path`."""
-    if any(segment in (".", "..") for segment in path.split("/")):
-        return False
-    return not any(chr(int(code, 16)) in _UNRESERVED for code in _PERCENT.findall(path))
+    return canonical_path(path) == path
 
 
 def toml_string(value: str) -> str:

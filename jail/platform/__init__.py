@@ -55,8 +55,11 @@ def select_backend(jail_id: str, weak: bool, user: str | None = None, docker_run
 
 
 def cleanup_orphans() -> list[str]:
-    """Remove what jails that were killed left behind; returns their ids."""
+    """Remove what jails that were killed left behind (namespaces, links, nft tables, containers,
+    networks); returns their ids."""
+    from jail.platform.docker import cleanup_orphans as remove_docker_orphans
     from jail.platform.netns import cleanup_orphans as remove_netns_orphans
     from jail.platform.netns import strong_mode_unavailable
 
-    return remove_netns_orphans() if strong_mode_unavailable() is None else []
+    removed = remove_netns_orphans() if strong_mode_unavailable() is None else []
+    return removed + [jail_id for jail_id in remove_docker_orphans() if jail_id not in removed]

@@ -47,7 +47,6 @@ Every mistake raises JailError as one line `FILE:LINE: what is wrong`, naming th
 from __future__ import annotations
 
 import re
-import string
 import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -55,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from jail.model import Decision, JailError, Request, normalize_host
+from jail.model import canonical_path as canonical_form
 from jail.policies import DEFAULT_TIMEOUTS, Engine, RuleSpec, build_engine
 
 TOP_KEYS = ("default", "rule", "hooks", "expect", "filesystem")
@@ -67,8 +67,6 @@ SCHEMES = ("http", "https")
 _METHOD_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HOST_LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
 _GLOB_TOKEN_RE = re.compile(r"(\*\*|\*|\?)")
-_PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
-_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _TOML_POSITION_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _AT_END = " (at end of document)"
 
@@ -633,34 +631,9 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
 
 
 def canonical_path(path: str) -> str | None:
-    """The path with unreserved percent-escapes decoded and dot segments removed; None if unchanged."""
-    if "%" not in path and "/." not in path:
-        return None
-    decoded = _PERCENT_RE.sub(_decode_unreserved, path) if "%" in path else path
-    resolved = _remove_dot_segments(decoded)
+    """The path's canonical form (jail.model.canonical_path); None if it is already canonical."""
+    resolved = canonical_form(path)
     return None if resolved == path else resolved
-
-
-def _decode_unreserved(match: re.Match[str]) -> str:
-    char = chr(int(match.group(1), 16))
-    return char if char in _UNRESERVED else match.group(0)
-
-
-def _remove_dot_segments(path: str) -> str:
-    if not path.startswith("/"):
-        return path
-    out: list[str] = []
-    segments = path[1:].split("/")
-    for position, segment in enumerate(segments):
-        last = position == len(segments) - 1
-        if segment == "." or segment == "..":
-            if segment == ".." and out:
-                out.pop()
-            if last:
-                out.append("")
-        else:
-            out.append(segment)
-    return "/" + "/".join(out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,573 @@
+"""Filesystem confinement for the jailed command: Landlock, read-only bind mounts and a seccomp filter.
+
+jail does not confine itself: it puts a small launcher in front of the command,
+
+    python -I -S .../jail/platform/confine.py --policy-json '{...}' -- CMD ARGS...
+
+which applies the restrictions to its own process and then exec's CMD; Landlock domains, seccomp filters
+and mount namespaces are inherited across exec and fork and survive setuid. The launcher imports only the
+standard library (it is run as a script with -S, so not even site-packages), which keeps it fast.
+
+What is enforced (Landlock is an allow-list, so "everything but X" is built by walking from `/`):
+
+- Reading: every top-level entry of `/` gets read+execute, except on the way to a denied path: there
+  jail descends, granting read to each sibling, and a directory on the way keeps only READ_DIR (names
+  in it can be listed; a denied folder's file names can therefore be listed, never read). Files created
+  later directly in such a directory (e.g. a new file in $HOME) are not readable. Denied paths are also
+  never writable, wherever they are.
+- Writing: only below the write roots (the current directory or --allow-write, and a private temp dir),
+  plus the terminal and /dev/null-like devices. Everything else is read-only (Landlock also forbids the
+  child any mount, umount or pivot_root).
+- Protected paths (`.git/hooks`, `.git/config`, shell rc files, --protect): Landlock rights on a
+  directory apply to everything below it and rights only add up, so Landlock alone cannot keep
+  `.git/hooks` read-only while the folder around it is writable. jail therefore makes each existing
+  protected path inside a write root a read-only bind mount in a private mount namespace (root, or an
+  unprivileged user namespace otherwise) and every directory from the write root down to it a mount
+  point, so none of them can be renamed, replaced or removed (EBUSY) and nothing can be created in or
+  written to them (EROFS); symlinks, hard links and renames into them fail too. A missing `.git/hooks`
+  (or `.git/config`) is created empty first (what `git init` makes), so it is protected the same way. Any
+  other protected path that does not exist is protected by Landlock alone: its parent directory (and
+  every directory from the write root down to it) gets no write rights of its own, only the existing
+  entries in it stay writable; so nothing new can be created directly in those directories. That is the
+  limitation accepted. When no mount namespace can be made, every protected path is handled that way.
+- Unix sockets: Landlock (ABI 7) does not govern connect() to a path socket (it checks open(), not the
+  socket's inode permission), so without --allow-unix-socket a seccomp filter makes socket(AF_UNIX, ...)
+  fail with EACCES (socketpair() still works: it cannot reach anything) and io_uring_setup fail with
+  ENOSYS (io_uring could open sockets past seccomp). With --allow-unix-socket the filter is not installed:
+  every path socket the user may open becomes reachable, not only the listed ones (the kernel cannot
+  say "this socket only"). Abstract sockets are always scoped (Landlock ABI >= 6): only those made
+  inside the jail can be reached, unless an `@name` is allowed.
+- Signals and ptrace (Landlock ABI >= 6 for signals): the child cannot signal, ptrace or read
+  /proc/PID/{mem,environ,root,cwd} of any process outside its own sandbox, jail included.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+# Landlock filesystem rights (include/uapi/linux/landlock.h) and the ABI that brought each.
+EXECUTE = 1 << 0
+WRITE_FILE = 1 << 1
+READ_FILE = 1 << 2
+READ_DIR = 1 << 3
+REMOVE_DIR = 1 << 4
+REMOVE_FILE = 1 << 5
+MAKE_CHAR = 1 << 6
+MAKE_DIR = 1 << 7
+MAKE_REG = 1 << 8
+MAKE_SOCK = 1 << 9
+MAKE_FIFO = 1 << 10
+MAKE_BLOCK = 1 << 11
+MAKE_SYM = 1 << 12
+REFER = 1 << 13  # ABI 2
+TRUNCATE = 1 << 14  # ABI 3
+IOCTL_DEV = 1 << 15  # ABI 5
+SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
+SCOPE_SIGNAL = 1 << 1  # ABI 6
+
+HANDLED_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1}
+ALL_FS = (1 << 16) - 1
+READ = EXECUTE | READ_FILE | READ_DIR
+WRITE = (
+    WRITE_FILE | REMOVE_DIR | REMOVE_FILE | MAKE_DIR | MAKE_REG | MAKE_SOCK | MAKE_FIFO | MAKE_SYM | REFER | TRUNCATE
+)
+FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
+DEVICE_RIGHTS = READ_FILE | WRITE_FILE | TRUNCATE | IOCTL_DEV
+# Devices every program expects to open for writing; /dev/shm is not among them (shared with the host).
+WRITABLE_DEVICES = (
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+    "/dev/tty",
+    "/dev/ptmx",
+    "/dev/pts",
+)
+
+SYS_LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture
+SYS_LANDLOCK_ADD_RULE = 445
+SYS_LANDLOCK_RESTRICT_SELF = 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+
+SECRET_FILES = (".ssh", ".aws", ".config/gcloud", ".netrc", ".docker/config.json")
+SHELL_RC_FILES = (".bashrc", ".bash_profile", ".profile", ".zshrc", ".zprofile")
+GIT_PROTECTED = ("hooks", "config")
+LAUNCHER_EXIT_STATUS = 125
+
+
+try:  # in jail's process a JailError (one line on stderr); the launcher runs without the package
+    from jail.model import JailError as _ErrorBase
+except ImportError:
+    _ErrorBase = Exception  # type: ignore[assignment,misc]
+
+
+class ConfineError(_ErrorBase):
+    """The restrictions cannot be applied; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class FsPolicy:
+    """What the jailed command may read and write. Paths are absolute; `tmp_dir` is filled in per run."""
+
+    allow_write: tuple[str, ...] = ()
+    read_only: bool = False
+    deny_read: tuple[str, ...] = ()
+    protect: tuple[str, ...] = ()
+    allow_unix_sockets: tuple[str, ...] = ()
+    enabled: bool = True
+    tmp_dir: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> FsPolicy:
+        data = json.loads(text)
+        for name in ("allow_write", "deny_read", "protect", "allow_unix_sockets"):
+            data[name] = tuple(data.get(name) or ())
+        return cls(**data)
+
+    @property
+    def write_roots(self) -> tuple[str, ...]:
+        tmp = (self.tmp_dir,) if self.tmp_dir else ()
+        return tmp if self.read_only else (*self.allow_write, *tmp)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building the policy (in jail's own process)
+
+
+def git_protected_paths(directory: str) -> list[str]:
+    """`.git/hooks` and `.git/config` of DIRECTORY; for a `.git` pointer file also the file itself and
+    the real git dir's (and its common dir's, for worktrees) hooks and config."""
+    dot_git = os.path.join(directory, ".git")
+    if not os.path.lexists(dot_git):
+        # Not a repository: protecting paths that do not exist would forbid creating anything at the
+        # top of the writable folder (Landlock cannot single out one missing name).
+        return []
+    paths = [os.path.join(dot_git, name) for name in GIT_PROTECTED]
+    if os.path.isfile(dot_git):
+        paths = [dot_git]
+        try:
+            with open(dot_git) as handle:
+                first = handle.readline().strip()
+        except OSError:
+            return paths
+        if first.startswith("gitdir:"):
+            git_dir = os.path.join(directory, first[len("gitdir:") :].strip())
+            dirs = [git_dir]
+            try:
+                with open(os.path.join(git_dir, "commondir")) as handle:
+                    dirs.append(os.path.join(git_dir, handle.readline().strip()))
+            except OSError:
+                pass
+            paths += [os.path.join(d, name) for d in dirs for name in GIT_PROTECTED]
+    return [os.path.normpath(p) for p in paths]
+
+
+def home_dirs() -> list[str]:
+    """$HOME, and the home of the user who ran sudo (whom strong mode runs the command as)."""
+    homes = [os.path.expanduser("~")]
+    sudo_uid = os.environ.get("SUDO_UID")
+    if sudo_uid and sudo_uid.isdigit() and sudo_uid != "0":
+        import contextlib
+        import pwd
+
+        with contextlib.suppress(KeyError):
+            homes.append(pwd.getpwuid(int(sudo_uid)).pw_dir)
+    return list(dict.fromkeys(homes))
+
+
+def build_policy(
+    allow_write: tuple[str, ...] = (),
+    read_only: bool = False,
+    deny_read: tuple[str, ...] = (),
+    protect: tuple[str, ...] = (),
+    allow_unix_sockets: tuple[str, ...] = (),
+    enabled: bool = True,
+    ca_key: str | None = None,
+) -> FsPolicy:
+    """The policy for these flags: `allow_write` replaces the current directory; the rest add to defaults."""
+    cwd = os.getcwd()
+    writable = [os.path.abspath(p) for p in allow_write] or [cwd]
+    denied = [os.path.join(home, name) for home in home_dirs() for name in SECRET_FILES]
+    if ca_key is None:
+        from jail.proxy.ca import CertificateAuthority, default_ca_dir
+
+        ca_key = str(CertificateAuthority(default_ca_dir()).key_path)
+    denied += [ca_key, *(os.path.abspath(p) for p in deny_read)]
+    protected = [os.path.join(home, name) for home in home_dirs() for name in SHELL_RC_FILES]
+    for directory in dict.fromkeys([cwd, *writable]):
+        protected += git_protected_paths(directory)
+    protected += [os.path.abspath(p) for p in protect]
+    sockets = tuple(p if p.startswith("@") else os.path.abspath(p) for p in allow_unix_sockets)
+    return FsPolicy(
+        allow_write=tuple(dict.fromkeys(writable)),
+        read_only=read_only,
+        deny_read=tuple(dict.fromkeys(denied)),
+        protect=tuple(dict.fromkeys(protected)),
+        allow_unix_sockets=sockets,
+        enabled=enabled,
+    )
+
+
+def launcher_prefix(policy: FsPolicy) -> list[str]:
+    # -I: no current directory (a `jail` folder the agent wrote there must not be what runs) and no PYTHON*
+    # variables; -S: no site-packages, the launcher needs only the standard library.
+    return [sys.executable, "-I", "-S", os.path.abspath(__file__), "--policy-json", policy.to_json(), "--"]
+
+
+def confine_argv(policy: FsPolicy, argv: list[str]) -> list[str]:
+    """The launcher in front of ARGV (for backends that run ARGV directly)."""
+    if not policy.enabled:
+        return list(argv)
+    return [*launcher_prefix(policy), *argv]
+
+
+def confine_command(policy: FsPolicy | None, backend, argv: list[str]) -> list[str]:
+    """The backend's command line for ARGV, confined: a private temp dir is made (removed when jail exits).
+
+    With `setpriv` (strong mode) the launcher goes right before it: it then runs as root with jail's
+    interpreter, which the user the command runs as (SUDO_UID, --user) may not be able to execute, and
+    it can make read-only bind mounts without a user namespace; setpriv then drops to that user.
+    """
+    if policy is None or not policy.enabled or backend.name not in ("weak", "strong"):
+        return backend.child_command(argv)
+    require_landlock()
+    wrapped = backend.child_command(argv)
+    owner = _setpriv_owner(wrapped)
+    policy = _with_private_tmp(policy, owner)
+    if "setpriv" in wrapped:
+        at = wrapped.index("setpriv")
+        return [*wrapped[:at], *launcher_prefix(policy), *wrapped[at:]]
+    return backend.child_command(confine_argv(policy, argv))
+
+
+def _setpriv_owner(argv: list[str]) -> tuple[int, int] | None:
+    found = {}
+    for token in argv:
+        for flag in ("--reuid=", "--regid="):
+            if token.startswith(flag) and token[len(flag) :].isdigit():
+                found[flag] = int(token[len(flag) :])
+    return (found["--reuid="], found.get("--regid=", -1)) if "--reuid=" in found else None
+
+
+def _with_private_tmp(policy: FsPolicy, owner: tuple[int, int] | None) -> FsPolicy:
+    import atexit
+    import shutil
+    import tempfile
+    from dataclasses import replace
+
+    tmp = tempfile.mkdtemp(prefix="jail-tmp-")
+    atexit.register(shutil.rmtree, tmp, True)
+    if owner is not None:
+        os.chown(tmp, owner[0], owner[1])
+    return replace(policy, tmp_dir=tmp)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planning (pure but for listing directories)
+
+
+def is_within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _listdir(path: str) -> list[tuple[str, bool]]:
+    """(name, is a real directory or file, not a symlink) of each entry; [] when unreadable."""
+    try:
+        with os.scandir(path) as entries:
+            return [(e.name, not e.is_symlink()) for e in entries]
+    except OSError:
+        return []
+
+
+def plan_around(root: str, avoid: list[str], rights: int, listdir=_listdir) -> tuple[list[tuple[str, int]], list[str]]:
+    """RIGHTS on ROOT's whole tree except the AVOID paths: (rules, directories on the way to an avoided path).
+
+    Only directories on the way to an avoided path are descended into; every other entry gets one rule
+    for its whole tree. Symlinks get no rule (what they point at is covered where it lives).
+    """
+    inner = [a for a in avoid if is_within(a, root)]
+    if not inner:
+        return [(root, rights)], []
+    if root in inner:
+        return [], []
+    rules: list[tuple[str, int]] = []
+    on_path = [root]
+    for name, real in sorted(_entries(listdir, root)):
+        if not real:
+            continue
+        child_rules, child_path = plan_around(os.path.join(root, name), inner, rights, listdir)
+        rules += child_rules
+        on_path += child_path
+    return rules, on_path
+
+
+def _entries(listdir, path: str) -> list[tuple[str, bool]]:
+    return list(listdir(path))
+
+
+def plan_rules(policy: FsPolicy, mounted: set[str], listdir=_listdir, exists=os.path.lexists) -> list[tuple[str, int]]:
+    """Every Landlock rule for POLICY, given the protected paths already made read-only mounts."""
+    denied = [os.path.realpath(p) for p in policy.deny_read]
+    rules, on_path = plan_around("/", denied, READ, listdir)
+    rules += [(d, READ_DIR) for d in on_path]
+    roots = [os.path.realpath(r) for r in policy.write_roots if exists(r)]
+    unmounted = [os.path.realpath(p) for p in policy.protect if os.path.realpath(p) not in mounted]
+    avoid = denied + [p for p in unmounted if any(is_within(p, r) and p != r for r in roots)]
+    for root in roots:
+        write_rules, _ = plan_around(root, avoid, WRITE, listdir)
+        rules += write_rules
+    rules += [(d, DEVICE_RIGHTS) for d in WRITABLE_DEVICES if exists(d)]
+    return rules
+
+
+def plan_mounts(policy: FsPolicy, exists=os.path.lexists) -> list[tuple[str, bool]]:
+    """(path, read-only) bind mounts, outermost first: each existing protected path inside a write root
+    read-only, and every directory from that root down to it a (writable) mount point."""
+    roots = [os.path.realpath(r) for r in policy.write_roots if exists(r)]
+    mounts: dict[str, bool] = {}
+    for raw in policy.protect:
+        path = os.path.realpath(raw)
+        containing = [r for r in roots if is_within(path, r) and path != r]
+        if not containing or not exists(path):
+            continue
+        mounts[path] = True
+        for root in containing:
+            parent = os.path.dirname(path)
+            while is_within(parent, root):
+                mounts.setdefault(parent, False)
+                parent = os.path.dirname(parent)
+    return sorted(mounts.items(), key=lambda item: (item[0].count("/"), item[0]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Applying (in the launcher)
+
+_libc = None
+
+
+def libc():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
+    return _libc
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 when it has none (or it is disabled)."""
+    if sys.platform != "linux":
+        return 0
+    version = libc().syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), LANDLOCK_CREATE_RULESET_VERSION)
+    return max(int(version), 0)
+
+
+def require_landlock() -> int:
+    abi = landlock_abi()
+    if abi < 1:
+        raise ConfineError(
+            "filesystem restrictions need Landlock, which this kernel lacks or has disabled"
+            " (Linux 5.13+ with lsm=landlock); run with --no-fs-restrictions to go without"
+        )
+    return abi
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = (
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    )
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = (("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32))
+
+
+def _fail(what: str) -> ConfineError:
+    return ConfineError(f"{what}: {os.strerror(ctypes.get_errno())}")
+
+
+def apply_landlock(rules: list[tuple[str, int]], abi: int, scope_abstract: bool) -> None:
+    handled = HANDLED_BY_ABI.get(abi, ALL_FS)
+    scoped = (SCOPE_SIGNAL | (SCOPE_ABSTRACT_UNIX_SOCKET if scope_abstract else 0)) if abi >= 6 else 0
+    attr = _RulesetAttr(handled, 0, scoped)
+    size = ctypes.sizeof(attr) if abi >= 6 else 8
+    ruleset = libc().syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), 0)
+    if ruleset < 0:
+        raise _fail("landlock_create_ruleset")
+    try:
+        for path, rights in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue  # gone since it was listed
+            try:
+                if not os.path.isdir(f"/proc/self/fd/{fd}"):
+                    rights &= FILE_RIGHTS
+                beneath = _PathBeneath(rights & handled, fd)
+                if beneath.allowed_access and (
+                    libc().syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(beneath), 0)
+                    < 0
+                ):
+                    raise _fail(f"landlock_add_rule {path}")
+            finally:
+                os.close(fd)
+        if libc().syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) < 0:
+            raise _fail("landlock_restrict_self")
+    finally:
+        os.close(ruleset)
+
+
+# seccomp: socket(AF_UNIX, ...) -> EACCES, io_uring_setup -> ENOSYS, other architectures' calls -> killed.
+AUDIT_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}  # (arch, socket's number)
+NR_IO_URING_SETUP = 425
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+X32_SYSCALL_BIT = 0x40000000
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = (("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32))
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter)))
+
+
+def unix_socket_filter(machine: str) -> list[tuple[int, int, int, int]]:
+    """The BPF program (code, jt, jf, k) that refuses socket(AF_UNIX, ...) and io_uring_setup."""
+    if machine not in AUDIT_ARCH:
+        raise ConfineError(f"no seccomp filter for {machine}; add --allow-unix-socket or --no-fs-restrictions")
+    arch, nr_socket = AUDIT_ARCH[machine]
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    import errno
+
+    return [
+        (ld, 0, 0, 4),  # seccomp_data.arch
+        (jeq, 1, 0, arch),
+        (ret, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        (ld, 0, 0, 0),  # seccomp_data.nr
+        (jge, 5, 0, X32_SYSCALL_BIT),  # x32 calls: refused
+        (jeq, 5, 0, NR_IO_URING_SETUP),
+        (jeq, 0, 2, nr_socket),
+        (ld, 0, 0, 16),  # low 32 bits of args[0]: the domain
+        (jeq, 1, 0, 1),  # AF_UNIX
+        (ret, 0, 0, SECCOMP_RET_ALLOW),
+        (ret, 0, 0, SECCOMP_RET_ERRNO | errno.EACCES),
+        (ret, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
+    ]
+
+
+def apply_seccomp(program: list[tuple[int, int, int, int]]) -> None:
+    filters = (_SockFilter * len(program))(*[_SockFilter(*insn) for insn in program])
+    fprog = _SockFprog(len(program), filters)
+    if libc().prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise _fail("seccomp")
+
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_SLAVE = 1, 32, 4096, 16384, 1 << 19
+
+
+def _mount(source: str | None, target: str, flags: int) -> None:
+    encode = os.fsencode
+    if libc().mount(encode(source) if source else None, encode(target), None, ctypes.c_ulong(flags), None) != 0:
+        raise _fail(f"mount {target}")
+
+
+def private_mount_namespace() -> bool:
+    """A mount namespace of our own (in a user namespace when not root); False when the system refuses."""
+    uid, gid = os.geteuid(), os.getegid()
+    flags = CLONE_NEWNS if uid == 0 else CLONE_NEWNS | CLONE_NEWUSER
+    if libc().unshare(flags) != 0:
+        return False
+    if uid != 0:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as handle:
+                handle.write(text)
+    _mount(None, "/", MS_REC | MS_SLAVE)  # nothing of ours propagates back to the host
+    return True
+
+
+def _precreate_git_paths(policy: FsPolicy) -> None:
+    """A missing `.git/hooks` or `.git/config` inside a write root is made empty, as `git init` would."""
+    roots = [os.path.realpath(r) for r in policy.write_roots if os.path.exists(r)]
+    for raw in policy.protect:
+        path = os.path.realpath(raw)
+        parent = os.path.dirname(path)
+        if os.path.lexists(path) or not any(is_within(path, r) and path != r for r in roots):
+            continue
+        if not os.path.isfile(os.path.join(parent, "HEAD")) or os.path.basename(path) not in GIT_PROTECTED:
+            continue
+        try:
+            if os.path.basename(path) == "hooks":
+                os.mkdir(path, 0o755)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            owner = os.stat(parent)
+            os.chown(path, owner.st_uid, owner.st_gid)
+        except OSError:
+            pass
+
+
+def apply(policy: FsPolicy) -> None:
+    """Confine this process (and what it exec's) to POLICY."""
+    abi = require_landlock()
+    if libc().prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: required for Landlock and seccomp
+        raise _fail("no_new_privs")
+    mounted: set[str] = set()
+    mounts = plan_mounts(policy) if policy.protect else []
+    if mounts or policy.protect:
+        _precreate_git_paths(policy)
+        mounts = plan_mounts(policy)
+    if mounts and private_mount_namespace():
+        for path, read_only in mounts:
+            _mount(path, path, MS_BIND)
+            if read_only:
+                _mount(None, path, MS_REMOUNT | MS_BIND | MS_RDONLY)
+                mounted.add(path)
+        os.chdir(os.getcwd())  # the current directory may now be under a new mount point
+    apply_landlock(plan_rules(policy, mounted), abi, not any(s.startswith("@") for s in policy.allow_unix_sockets))
+    if not policy.allow_unix_sockets:
+        apply_seccomp(unix_socket_filter(os.uname().machine))
+    if policy.tmp_dir:
+        for name in ("TMPDIR", "TMP", "TEMP"):
+            os.environ[name] = policy.tmp_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 4 or args[0] != "--policy-json" or args[2] != "--":
+        print("usage: confine.py --policy-json JSON -- COMMAND [ARGS...]", file=sys.stderr)
+        sys.exit(2)
+    policy, command = FsPolicy.from_json(args[1]), args[3:]
+    try:
+        if policy.enabled:
+            apply(policy)
+    except (ConfineError, OSError) as exc:
+        print(f"jail: error: filesystem restrictions: {exc}", file=sys.stderr)
+        sys.exit(LAUNCHER_EXIT_STATUS)
+    try:
+        os.execvp(command[0], command)
+    except FileNotFoundError:
+        print(f"jail: command not found: {command[0]}", file=sys.stderr)
+        sys.exit(127)
+    except PermissionError:
+        print(f"jail: command not executable: {command[0]}", file=sys.stderr)
+        sys.exit(126)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Filesystem confinement: the ruleset planning (pure), and the real CLI in weak and strong mode."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from jail.platform import confine
+from jail.platform.confine import (
+    READ,
+    READ_DIR,
+    WRITE,
+    FsPolicy,
+    confine_argv,
+    confine_command,
+    git_protected_paths,
+    plan_around,
+    plan_mounts,
+    plan_rules,
+    unix_socket_filter,
+)
+
+TREE = {
+    "/": ["etc", "home", "usr", "bin"],
+    "/home": ["u", "v"],
+    "/home/u": [".ssh", "proj", ".bashrc"],
+    "/home/u/proj": [".git", "src", "README"],
+    "/home/u/proj/.git": ["hooks", "config", "objects", "HEAD"],
+}
+SYMLINKS = {"/bin"}
+
+
+def fake_listdir(path: str) -> list[tuple[str, bool]]:
+    return [(name, os.path.join(path, name) not in SYMLINKS) for name in TREE.get(path, [])]
+
+
+def rights_of(rules: list[tuple[str, int]], path: str) -> int:
+    """What the rules give PATH: the union over every rule on it or an ancestor, as Landlock does."""
+    total = 0
+    for rule_path, rights in rules:
+        if confine.is_within(path, rule_path):
+            total |= rights
+    return total
+
+
+# --- planning --------------------------------------------------------------------------------------
+
+
+def test_plan_around_descends_only_on_the_way_to_avoided_paths() -> None:
+    rules, on_path = plan_around("/", ["/home/u/.ssh"], READ, fake_listdir)
+    assert sorted(on_path) == ["/", "/home", "/home/u"]
+    granted = dict(rules)
+    assert granted["/etc"] == granted["/usr"] == granted["/home/v"] == granted["/home/u/proj"] == READ
+    assert "/home/u/.ssh" not in granted and "/" not in granted and "/home/u" not in granted
+    assert "/bin" not in granted  # a symlink: its target is covered where it lives
+    assert rights_of(rules, "/home/u/.ssh/id_rsa") == 0
+
+
+def test_plan_around_without_avoided_paths_is_one_rule() -> None:
+    assert plan_around("/home/u/proj", ["/etc/shadow"], WRITE, fake_listdir) == ([("/home/u/proj", WRITE)], [])
+
+
+def test_plan_rules_reads_everything_but_denied_and_writes_only_roots() -> None:
+    policy = FsPolicy(allow_write=("/home/u/proj",), deny_read=("/home/u/.ssh",))
+    rules = plan_rules(policy, set(), fake_listdir, exists=lambda p: p in TREE or p.startswith("/home/u/proj"))
+    assert rights_of(rules, "/home/u/.ssh/id_rsa") == READ_DIR  # listing only: names, never contents
+    assert rights_of(rules, "/home/u") == READ_DIR  # names can be listed there, nothing more
+    assert rights_of(rules, "/etc/passwd") == READ
+    assert rights_of(rules, "/home/u/.bashrc") == READ
+    assert rights_of(rules, "/home/u/proj/src/a.py") == READ | WRITE
+    assert rights_of(rules, "/home/u/proj/.git/hooks/pre-commit") == READ | WRITE  # left to the read-only mount
+
+
+def test_missing_protected_path_without_a_mount_takes_write_rights_from_its_parent() -> None:
+    policy = FsPolicy(allow_write=("/home/u/proj",), protect=("/home/u/proj/.git/hooks",))
+    rules = plan_rules(policy, set(), fake_listdir, exists=lambda p: p in TREE or p.startswith("/home/u/proj"))
+    assert not rights_of(rules, "/home/u/proj/.git/hooks/pre-commit") & WRITE
+    assert not rights_of(rules, "/home/u/proj/.git/new-file") & WRITE  # the accepted limitation
+    assert rights_of(rules, "/home/u/proj/.git/objects/ab") & WRITE
+    assert rights_of(rules, "/home/u/proj/src/x") & WRITE
+    assert not rights_of(rules, "/home/u/proj/new-top-level-file") & WRITE
+
+
+def test_plan_mounts_outer_first_protected_read_only(tmp_path: Path) -> None:
+    proj = tmp_path / "proj"
+    (proj / ".git" / "hooks").mkdir(parents=True)
+    (proj / ".git" / "config").write_text("")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    policy = FsPolicy(
+        allow_write=(str(proj),),
+        protect=(str(proj / ".git" / "hooks"), str(proj / ".git" / "config"), str(outside), str(proj / "missing")),
+    )
+    assert plan_mounts(policy) == [
+        (str(proj), False),
+        (str(proj / ".git"), False),
+        (str(proj / ".git" / "config"), True),
+        (str(proj / ".git" / "hooks"), True),
+    ]
+
+
+def test_git_pointer_file_protects_the_real_git_dir(tmp_path: Path) -> None:
+    common = tmp_path / "main" / ".git"
+    worktree_git = common / "worktrees" / "wt"
+    worktree_git.mkdir(parents=True)
+    (worktree_git / "commondir").write_text("../..\n")
+    wt = tmp_path / "wt"
+    wt.mkdir()
+    (wt / ".git").write_text(f"gitdir: {worktree_git}\n")
+    paths = git_protected_paths(str(wt))
+    assert str(wt / ".git") in paths
+    for directory in (worktree_git, common):
+        assert str(directory / "hooks") in paths
+        assert str(directory / "config") in paths
+
+
+def test_policy_json_round_trip() -> None:
+    policy = FsPolicy(("/a",), True, ("/b",), ("/c",), ("/s",), True, "/tmp/x")
+    assert FsPolicy.from_json(policy.to_json()) == policy
+
+
+def test_seccomp_program_jumps_stay_inside() -> None:
+    program = unix_socket_filter("x86_64")
+    for index, (code, jt, jf, _) in enumerate(program):
+        if code == 0x15 or code == 0x35:
+            assert index + 1 + max(jt, jf) < len(program)
+    assert program[-1][0] == 0x06
+
+
+class FakeBackend:
+    def __init__(self, name: str, prefix: list[str]) -> None:
+        self.name = name
+        self.prefix = prefix
+
+    def child_command(self, argv: list[str]) -> list[str]:
+        return [*self.prefix, *argv]
+
+
+def test_confine_command_places_the_launcher() -> None:
+    policy = FsPolicy(allow_write=("/w",))
+    weak = confine_command(policy, FakeBackend("weak", []), ["cmd"])
+    assert weak[:3] == [sys.executable, "-I", "-S"] and weak[-2:] == ["--", "cmd"]
+    assert FsPolicy.from_json(weak[weak.index("--policy-json") + 1]).tmp_dir
+    strong = confine_command(policy, FakeBackend("strong", ["ip", "netns", "exec", "n", "setpriv", "--reuid=0"]), ["c"])
+    assert strong[:4] == ["ip", "netns", "exec", "n"] and strong[4] == sys.executable
+    assert strong[strong.index("--") + 1 :] == ["setpriv", "--reuid=0", "c"]
+    assert confine_command(policy, FakeBackend("docker", ["docker"]), ["c"]) == ["docker", "c"]
+    assert confine_command(None, FakeBackend("weak", []), ["c"]) == ["c"]
+    assert confine_argv(FsPolicy(enabled=False), ["c"]) == ["c"]
+
+
+def test_launcher_starts_fast_without_heavy_imports() -> None:
+    argv = confine_argv(FsPolicy(enabled=False), [sys.executable, "-c", "import sys; print(sorted(sys.modules))"])
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    assert "mitmproxy" not in out
+    loaded = subprocess.run(
+        [sys.executable, "-I", "-S", "-X", "importtime", confine.__file__, "--policy-json", "{}", "--", "true"],
+        capture_output=True,
+        text=True,
+    ).stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in loaded.splitlines() if line.startswith("import time:")}
+    assert not {"site", "mitmproxy", "jail.platform"} & imported
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+pytestmark_linux = pytest.mark.skipif(confine.landlock_abi() < 1, reason="the kernel has no Landlock")
+
+CHECKS = r"""
+check() { name=$1; shift; if ( "$@" ) >/dev/null 2>&1; then echo "$name=yes"; else echo "$name=no"; fi; }
+check write_cwd sh -c 'echo hi > new.txt && test "$(cat new.txt)" = hi'
+check write_subdir sh -c 'echo hi > src/new.py'
+check write_tmp sh -c 'echo hi > "$TMPDIR/t"'
+check write_etc sh -c 'echo x > /etc/jail-confine-test'
+check write_home sh -c 'echo x > "$HOME/planted"'
+check read_ssh cat "$HOME/.ssh/id_test"
+check read_other cat "$HOME/notes.txt"
+check read_ca_key cat "$JAIL_CA_DIR/mitmproxy-ca.pem"
+check hook_create sh -c 'echo "#!/bin/sh" > .git/hooks/pre-commit'
+check hook_modify sh -c 'echo evil >> .git/hooks/pre-push'
+check git_config sh -c 'echo "[core]" >> .git/config'
+check git_objects sh -c 'echo x > .git/objects/x'
+check git_add sh -c 'git add new.txt && git status --short | grep -q "A  new.txt"'
+check hook_symlink ln -s "$PWD/new.txt" .git/hooks/pre-commit
+check hook_hardlink ln new.txt .git/hooks/pre-commit
+check hook_rename_in sh -c 'cp new.txt src/evil && mv src/evil .git/hooks/pre-commit'
+check hooks_rename mv .git/hooks .git/hooks-old
+check git_rename mv .git .git-old
+check ssh_symlink sh -c 'ln -s "$HOME/.ssh" sshlink && cat sshlink/id_test'
+check ssh_hardlink ln "$HOME/.ssh/id_test" stolen
+check unix_socket python3 -c 'import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$SOCK"
+check dev_null sh -c 'echo x > /dev/null'
+"""
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, jail_env: dict[str, str]):
+    """A git repository to work in, a fake HOME with a secret, and a Unix socket server outside."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_test").write_text("SECRET\n")
+    (home / "notes.txt").write_text("notes\n")
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(proj)], check=True)
+    (proj / ".git" / "hooks" / "pre-push").write_text("#!/bin/sh\n")
+    server = socket.socket(socket.AF_UNIX)
+    sock = tmp_path / "daemon.sock"
+    server.bind(str(sock))
+    server.listen(8)
+    threading.Thread(target=lambda: [server.accept() for _ in range(8)], daemon=True).start()
+    env = dict(jail_env, HOME=str(home), SOCK=str(sock))
+    env.pop("SUDO_UID", None)
+    yield proj, home, sock, env
+    server.close()
+
+
+def run_checks(run_jail, mode: list[str], workspace, *flags: str) -> dict[str, bool]:
+    proj, _, _, env = workspace
+    result = run_jail(*mode, *flags, "--js", "true", "--", "sh", "-c", CHECKS, cwd=proj, env=env)
+    assert result.returncode == 0, result.stderr
+    found = dict(line.split("=") for line in result.stdout.split())
+    return {name: value == "yes" for name, value in found.items()}
+
+
+MODES = [
+    pytest.param(["--weak"], id="weak"),
+    pytest.param([], id="strong", marks=pytest.mark.skipif(os.geteuid() != 0, reason="strong mode needs root")),
+]
+
+
+@pytestmark_linux
+@pytest.mark.parametrize("mode", MODES)
+def test_confined(run_jail, workspace, mode: list[str]) -> None:
+    proj, home, _, _ = workspace
+    seen = run_checks(run_jail, mode, workspace)
+    allowed = {"write_cwd", "write_subdir", "write_tmp", "read_other", "git_objects", "git_add", "dev_null"}
+    assert {name for name, ok in seen.items() if ok} == allowed, seen
+    assert not (proj / ".git" / "hooks" / "pre-commit").exists()
+    assert (proj / ".git" / "hooks" / "pre-push").read_text() == "#!/bin/sh\n"
+    assert "[core]\n[core]" not in (proj / ".git" / "config").read_text()
+    assert not (home / "planted").exists() and not Path("/etc/jail-confine-test").exists()
+
+
+@pytestmark_linux
+@pytest.mark.parametrize("mode", MODES)
+def test_flags_lift_or_tighten(run_jail, workspace, mode: list[str]) -> None:
+    _, _, sock, _ = workspace
+    off = run_checks(run_jail, mode, workspace, "--no-fs-restrictions")
+    assert off["read_ssh"] and off["write_home"] and off["hook_create"] and off["unix_socket"], off
+    Path(workspace[1] / "planted").unlink()
+    Path("/etc/jail-confine-test").unlink(missing_ok=True)
+    sockets = run_checks(run_jail, mode, workspace, "--allow-unix-socket", str(sock))
+    assert sockets["unix_socket"] and not sockets["read_ssh"], sockets
+    read_only = run_checks(run_jail, mode, workspace, "--read-only")
+    assert read_only["write_tmp"] and read_only["read_other"], read_only
+    assert not read_only["write_cwd"] and not read_only["write_subdir"] and not read_only["git_objects"], read_only
+
+
+@pytestmark_linux
+def test_missing_hooks_dir_cannot_be_created(run_jail, workspace) -> None:
+    proj, _, _, env = workspace
+    subprocess.run(["rm", "-rf", str(proj / ".git" / "hooks")], check=True)
+    script = "mkdir -p .git/hooks; echo x > .git/hooks/pre-commit; echo x > .git/objects/y && echo objects-ok"
+    result = run_jail("--weak", "--js", "true", "--", "sh", "-c", script, cwd=proj, env=env)
+    assert "objects-ok" in result.stdout
+    assert not (proj / ".git" / "hooks" / "pre-commit").exists()
+
+
+@pytestmark_linux
+def test_protect_flag_and_deny_read_flag(run_jail, workspace) -> None:
+    proj, _, _, env = workspace
+    (proj / "Makefile").write_text("all:\n")
+    (proj / "src" / "private.txt").write_text("private\n")
+    (proj / "notes.md").write_text("")
+    # A denied path inside a write root: its directories keep no create rights of their own (the Landlock
+    # limitation), existing entries elsewhere stay writable.
+    script = (
+        "echo x >> Makefile; cat src/private.txt; echo ok >> notes.md && echo other-ok; echo x > src/new || echo no-new"
+    )
+    result = run_jail(
+        "--weak",
+        "--protect",
+        "Makefile",
+        "--deny-read",
+        "src/private.txt",
+        "--js",
+        "true",
+        "--",
+        "sh",
+        "-c",
+        script,
+        cwd=proj,
+        env=env,
+    )
+    assert "other-ok" in result.stdout and "no-new" in result.stdout and "private" not in result.stdout
+    assert (proj / "Makefile").read_text() == "all:\n"

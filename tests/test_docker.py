@@ -1,0 +1,446 @@
+"""Docker backend: `jail --docker-run -- [docker run args] IMAGE CMD`.
+
+Argument parsing is tested without a daemon. The rest runs against a private dockerd this module
+starts (root, Debian's docker.io), with an image imported from a rootfs of busybox-static plus the
+host's curl and its libraries: every bypass is tried from inside the container and must fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from jail.model import JailError, ProxyEndpoint
+from jail.platform.docker import (
+    DockerNames,
+    container_environment,
+    existing_jail_ids,
+    parse_run_args,
+    remove_jail,
+)
+from tests.conftest import jail_argv, wait_for
+from tests.test_strong import DENIED_NAME, TEST_NAME, Listener, named_upstreams  # noqa: F401
+
+IMAGE = "jail-test:latest"
+CURL = ["curl", "-sS", "--connect-timeout", "3", "-m", "10", "-o", "/dev/null", "-w", "'%{http_code}\\n'"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument parsing: no daemon needed
+
+
+def test_common_docker_run_options_are_parsed():
+    spec = parse_run_args(
+        [
+            *["--rm", "-it", "-e", "A=1", "--env=B", "-eC=3", "-v", "/data:/data:ro", "-w", "/work", "-u", "1000:1000"],
+            *["--name", "agent", "--entrypoint", "/bin/sh", "--init", "-l", "k=v", "img:1", "-c", "echo hi", "--rm"],
+        ]
+    )
+    assert spec.image == "img:1"
+    assert spec.command == ["-c", "echo hi", "--rm"], "everything after the image is the command"
+    assert spec.remove and spec.interactive and spec.tty and spec.init
+    assert spec.env == ["A=1", "B", "C=3"]
+    assert spec.volumes == ["/data:/data:ro"]
+    assert (spec.workdir, spec.user, spec.name, spec.entrypoint) == ("/work", "1000:1000", "agent", "/bin/sh")
+    assert spec.labels == {"k": "v"}
+
+
+def test_short_option_clusters_and_separators():
+    assert parse_run_args(["-ti", "img"]).tty
+    spec = parse_run_args(["-i", "--rm=false", "--", "img", "true"])
+    assert spec.interactive and not spec.remove and spec.image == "img" and spec.command == ["true"]
+    assert parse_run_args(["-ie", "X=1", "img"]).env == ["X=1"]
+    assert parse_run_args(["img"]).command == []
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--network", "host", "img"], "--network"),
+        (["--net=host", "img"], "--net"),
+        (["--privileged", "img"], "--privileged"),
+        (["--cap-add", "NET_ADMIN", "img"], "NET_ADMIN"),
+        (["--cap-add=sys_admin", "img"], "sys_admin"),
+        (["--cap-add", "CAP_NET_ADMIN", "img"], "CAP_NET_ADMIN"),
+        (["--cap-add", "ALL", "img"], "ALL"),
+        (["--pid", "host", "img"], "--pid host"),
+        (["--userns=host", "img"], "--userns host"),
+        (["--device", "/dev/net/tun", "img"], "--device"),
+        (["-v", "/var/run/docker.sock:/var/run/docker.sock", "img"], "docker.sock"),
+        (["-v", "/run/docker.sock:/d.sock", "img"], "docker.sock"),
+        (["-v", "/var/run:/host-run", "img"], "docker.sock"),
+        (["-v", "/:/host", "img"], "docker.sock"),
+        (["-d", "img"], "-d"),
+        (["-p", "80:80", "img"], "-p"),
+    ],
+)
+def test_options_that_defeat_the_jail_are_refused(args, says):
+    with pytest.raises(JailError, match="not allowed") as refused:
+        parse_run_args(args)
+    assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_unknown_options_and_missing_values_are_named():
+    with pytest.raises(JailError, match="unknown or unsupported docker run option --security-opt"):
+        parse_run_args(["--security-opt", "seccomp=unconfined", "img"])
+    with pytest.raises(JailError, match="-e needs a value"):
+        parse_run_args(["-e"])
+    with pytest.raises(JailError, match="no image"):
+        parse_run_args(["--rm"])
+    # A harmless capability is fine.
+    assert parse_run_args(["--cap-add", "SYS_PTRACE", "img"]).cap_add == ["SYS_PTRACE"]
+
+
+def test_container_environment_has_proxy_ca_paths_inside_and_secret_placeholders_only():
+    spec = parse_run_args(["-e", "A=1", "-e", "FROM_JAIL", "-e", "TOKEN", "-e", "HTTP_PROXY=http://evil", "img"])
+    proxy = ProxyEndpoint("10.234.0.1", 3128, Path("/home/u/.config/jail/ca/cert.pem"), Path("/x/trust/bundle.pem"))
+    own = {"FROM_JAIL": "yes", "TOKEN": "real-secret", "UNRELATED": "no"}
+    env = container_environment(spec, proxy, "0123abcd", {"TOKEN": "placeholder"}, own)
+    assert env["A"] == "1" and env["FROM_JAIL"] == "yes" and "UNRELATED" not in env
+    assert env["TOKEN"] == "placeholder", "a secret's real value never enters the container"
+    assert env["HTTP_PROXY"] == env["https_proxy"] == "http://10.234.0.1:3128"
+    assert env["SSL_CERT_FILE"] == "/etc/jail/ca-bundle.pem" and env["NODE_EXTRA_CA_CERTS"] == "/etc/jail/ca-cert.pem"
+    assert env["JAIL_ID"] == "0123abcd"
+
+
+# ---------------------------------------------------------------------------------------------
+# A private Docker daemon and a test image
+
+
+def _docker_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "the Docker backend needs root"
+    for tool in ("dockerd", "nft", "curl"):
+        if shutil.which(tool) is None:
+            return f"the {tool!r} command is missing"
+    if shutil.which("busybox") is None:
+        return "busybox is missing (apt-get install busybox-static)"
+    return None
+
+
+def _copy_with_libraries(binary: str, rootfs: Path, target: str) -> None:
+    destination = rootfs / target.lstrip("/")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(binary, destination)
+    ldd = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
+    for line in ldd.splitlines():
+        library = next((part for part in line.split() if part.startswith("/")), None)
+        if library:
+            copy = rootfs / library.lstrip("/")
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.realpath(library), copy)
+
+
+def _test_image_tar(workdir: Path) -> bytes:
+    """busybox (every applet as a link) plus the host's curl and its libraries, as a tar."""
+    rootfs = workdir / "rootfs"
+    for folder in ("bin", "etc", "tmp"):
+        (rootfs / folder).mkdir(parents=True, exist_ok=True)
+    busybox = shutil.which("busybox")
+    assert busybox is not None
+    _copy_with_libraries(busybox, rootfs, "/bin/busybox")
+    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox" and "/" not in applet:
+            (rootfs / "bin" / applet).symlink_to("busybox")
+    _copy_with_libraries(shutil.which("curl") or "/usr/bin/curl", rootfs, "/bin/curl")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        archive.add(rootfs, arcname=".")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[str]:
+    """A private dockerd (own data, exec root, socket); yields its DOCKER_HOST."""
+    if (missing := _docker_missing()) is not None:
+        pytest.skip(f"Docker tests need a daemon: {missing}")
+    import docker
+
+    # Short: containerd's socket path lives under the exec root and must fit a sun_path.
+    workdir = Path(tempfile.mkdtemp(prefix="jdk-"))
+    host = f"unix://{workdir}/docker.sock"
+    log = open(workdir / "dockerd.log", "w")  # noqa: SIM115 - closed at the end of the session
+    process = subprocess.Popen(
+        [
+            *["dockerd", "--data-root", f"{workdir}/data", "--exec-root", f"{workdir}/exec", "-H", host],
+            *["--pidfile", f"{workdir}/dockerd.pid", "--iptables=false", "--ip6tables=false", "--bridge=none"],
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    clients = []
+    try:
+
+        def ready() -> bool:
+            try:
+                clients.append(docker.DockerClient(base_url=host, timeout=60))
+                return True
+            except docker.errors.DockerException:
+                return False
+
+        if not wait_for(ready, timeout=30, interval=0.1):
+            pytest.skip(f"dockerd did not start: {(workdir / 'dockerd.log').read_text()[-2000:]}")
+        client = clients[-1]
+        client.api.import_image_from_data(_test_image_tar(workdir), repository="jail-test", tag="latest")
+        yield host
+        # A failed test may leave a jail behind: remove it while the daemon can still do so.
+        for jail_id in existing_jail_ids(client):
+            remove_jail(client, DockerNames(jail_id))
+        client.close()
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        subprocess.run(["umount", "-R", f"{workdir}/exec"], capture_output=True, check=False)
+        subprocess.run(["umount", "-R", f"{workdir}/data"], capture_output=True, check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def docker_client(dockerd: str):
+    import docker
+
+    client = docker.DockerClient(base_url=dockerd, timeout=60)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def docker_env(jail_env: dict[str, str], dockerd: str) -> dict[str, str]:
+    return {**jail_env, "DOCKER_HOST": dockerd}
+
+
+@pytest.fixture
+def docker_jail(run_jail, docker_env):
+    """`jail RULE... --docker-run -- DOCKER_ARGS...`; pass the docker run args as `docker=[...]`."""
+
+    def run(*flags: str, docker: list[str], **kwargs) -> subprocess.CompletedProcess:
+        return run_jail(*flags, "--docker-run", "--", *docker, env=kwargs.pop("env", docker_env), **kwargs)
+
+    return run
+
+
+def in_container(script: str) -> list[str]:
+    return ["--rm", IMAGE, "sh", "-c", script]
+
+
+def leftovers(client, jail_id: str) -> list[str]:
+    """What of this jail is still on the machine."""
+    names = DockerNames(jail_id)
+    found = [f"network {n.name}" for n in client.networks.list(names=[names.network]) if n.name == names.network]
+    found += [f"container {c.name}" for c in client.containers.list(all=True, filters={"label": f"jail.id={jail_id}"})]
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False).stdout
+    found += [f"nft table {names.nft_table}" for line in tables.splitlines() if line.endswith(f" {names.nft_table}")]
+    found += [f"link {names.host_link}" for name in psutil.net_if_addrs() if name == names.host_link]
+    found += [f"file {path}" for path in (names.pid_file, names.spec_file) if path.exists()]
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests from the container
+
+
+def test_allowed_requests_pass_and_denied_get_403(docker_jail, http_upstream, https_upstream, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    script = "; ".join(
+        [
+            "ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1",
+            " ".join([*CURL, http_upstream.url("/allowed")]),
+            " ".join([*CURL, https_upstream.url("/allowed")]),
+            " ".join([*CURL, http_upstream.url("/denied")]),
+            " ".join([*CURL, https_upstream.url("/denied")]),
+            "ls /etc/jail",
+        ]
+    )
+    result = docker_jail(
+        "--js", "!r.path.startsWith('/denied')", "--audit-log", str(audit), docker=in_container(script)
+    )
+    assert result.returncode == 0, result.stderr
+    address, *codes = result.stdout.split()
+    assert codes[:4] == ["200", "200", "403", "403"], result.stdout + result.stderr
+    assert sorted(codes[4:]) == ["ca-bundle.pem", "ca-cert.pem"], "the CA certificate and bundle, never the key"
+    assert [r["path"] for r in http_upstream.requests + https_upstream.requests] == ["/allowed", "/allowed"]
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    requests = [r for r in records if r.get("kind") != "dns"]
+    assert len(requests) == 4 and {r["requester_ip"] for r in requests} == {address}
+
+
+def test_client_ignoring_proxy_variables_is_still_judged(docker_jail, named_upstreams, tmp_path):  # noqa: F811
+    http, https = named_upstreams
+    for upstream in named_upstreams:
+        upstream.reset()
+    audit = tmp_path / "audit.jsonl"
+    noproxy = [*CURL, "--noproxy", "'*'"]
+    script = "; ".join(
+        [
+            " ".join([*noproxy, f"http://{TEST_NAME}/direct"]),
+            " ".join([*noproxy, f"https://{TEST_NAME}/direct"]),
+            " ".join([*noproxy, f"http://{DENIED_NAME}/direct"]),
+            " ".join([*noproxy, f"https://{DENIED_NAME}/direct"]),
+            f"nslookup {TEST_NAME}",
+        ]
+    )
+    result = docker_jail("--js", f"r.host === '{TEST_NAME}'", "--audit-log", str(audit), docker=in_container(script))
+    lines = result.stdout.split("\n")
+    assert lines[:4] == ["200", "200", "403", "403"], result.stdout + result.stderr
+    assert [r["host"] for r in http.requests + https.requests] == [TEST_NAME, TEST_NAME]
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert any(r.get("kind") == "dns" and r["name"] == TEST_NAME for r in records), "DNS goes to jail's sinkhole"
+    gateway = next(r["answer"] for r in records if r.get("kind") == "dns" and r.get("answer"))
+    assert gateway in result.stdout, "every name resolves to the gateway, where the proxy listens"
+
+
+def _host_addresses(family: int = socket.AF_INET) -> list[str]:
+    found = []
+    for interface, addresses in psutil.net_if_addrs().items():
+        if interface == "lo" or interface.startswith(("jb_", "vh_")):
+            continue
+        found += [a.address for a in addresses if a.family == family and not a.address.startswith("fe80")]
+    return found
+
+
+def test_direct_tcp_udp_and_outside_dns_fail(docker_jail):
+    listener = Listener()
+    addresses = _host_addresses()
+    resolvers = []
+    for address in addresses:
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind((address, 53))
+        udp.settimeout(0.1)
+        resolvers.append(udp)
+    try:
+        probes = []
+        for address in addresses:
+            probes.append(f"curl -s --noproxy '*' --connect-timeout 2 http://{address}:{listener.port}/ >/dev/null")
+            probes.append(f"nc -w 2 {address} {listener.port} </dev/null")
+            probes.append(f"timeout 4 nslookup outside.example {address}")
+        # The gateway itself: only the proxy's ports and DNS; its other services are closed.
+        probes.append(f"curl -s --noproxy '*' --connect-timeout 2 http://$GW:{listener.port}/ >/dev/null")
+        for address in _host_addresses(socket.AF_INET6):
+            probes.append(
+                f"curl -s --noproxy '*' --connect-timeout 2 -g 'http://[{address}]:{listener.port}/' >/dev/null"
+            )
+        script = "GW=$(ip route | awk '/default/ {print $3}'); " + "; ".join(
+            f"{probe} && echo 'PASSED: {probe}' || echo blocked" for probe in probes
+        )
+        result = docker_jail("--js", "true", docker=in_container(script), timeout=120)
+        assert "PASSED" not in result.stdout, result.stdout
+        assert result.stdout.split().count("blocked") == len(probes), result.stdout + result.stderr
+        received = []
+        for udp in resolvers:
+            with contextlib.suppress(OSError):
+                received.append(udp.recvfrom(512)[1])
+        assert received == [], "no DNS query may reach another resolver"
+        assert listener.seen == [], "nothing from the container may reach the host's other services"
+    finally:
+        listener.close()
+        for udp in resolvers:
+            udp.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Run options, exit codes, teardown
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--network", "host", IMAGE, "true"],
+        ["-v", "/var/run/docker.sock:/var/run/docker.sock", IMAGE, "true"],
+    ],
+)
+def test_refused_run_options_give_one_clear_line(docker_jail, docker_client, args):
+    result = docker_jail("--js", "true", docker=args)
+    assert result.returncode == 125
+    assert result.stderr.strip().startswith("jail: error: --docker-run:") and "not allowed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not any(n.name.startswith("jail-") for n in docker_client.networks.list())
+
+
+def test_the_ca_key_cannot_be_mounted(docker_jail, ca_dir):
+    result = docker_jail("--js", "true", docker=["-v", f"{ca_dir}:/ca", IMAGE, "true"])
+    assert result.returncode == 125 and "CA key" in result.stderr
+
+
+def test_exit_codes_propagate(docker_jail):
+    assert docker_jail("--js", "true", docker=in_container("exit 9")).returncode == 9
+    killed = docker_jail("--js", "true", docker=in_container("sleep 30 & kill -KILL $!; wait $!"))
+    assert killed.returncode == 137
+    missing = docker_jail("--js", "true", docker=["--rm", IMAGE, "no-such-command"])
+    assert missing.returncode == 127, missing.stderr
+
+
+def test_stdin_is_attached_with_i(docker_jail):
+    result = docker_jail("--js", "true", docker=["--rm", "-i", IMAGE, "tr", "a-z", "A-Z"], input="hello\n")
+    assert result.stdout == "HELLO\n"
+    separate = docker_jail("--js", "true", docker=in_container("echo out; echo err >&2"))
+    assert separate.stdout == "out\n" and "err\n" in separate.stderr
+
+
+# The container's init (sh) ignores signals it has no trap for, as in any container.
+WAITING = "trap 'exit 130' INT; trap 'exit 143' TERM; echo $JAIL_ID; while :; do sleep 0.2; done"
+
+
+def start_docker_jail(docker_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        jail_argv("--js", "true", "--docker-run", "--", *in_container(WAITING)),
+        env=docker_env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return process, process.stdout.readline().strip()
+
+
+def test_nothing_is_left_after_a_normal_run_and_after_ctrl_c(docker_jail, docker_env, docker_client):
+    finished = docker_jail("--js", "true", docker=in_container('echo "$JAIL_ID"'))
+    jail_id = finished.stdout.strip()
+    assert len(jail_id) == 8 and leftovers(docker_client, jail_id) == []
+    process, jail_id = start_docker_jail(docker_env)
+    assert "network jail-" + jail_id in leftovers(docker_client, jail_id)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(30) == 130
+    assert leftovers(docker_client, jail_id) == []
+    process, jail_id = start_docker_jail(docker_env)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 143
+    assert leftovers(docker_client, jail_id) == []
+
+
+def test_sigkilled_jail_is_cleaned_by_cleanup_without_touching_a_running_one(run_jail, docker_env, docker_client):
+    survivor, survivor_id = start_docker_jail(docker_env)
+    victim, victim_id = start_docker_jail(docker_env)
+    try:
+        victim.kill()
+        victim.wait()
+        # The attach program dies with jail and takes the --rm container with it.
+        assert wait_for(lambda: not any(x.startswith("container") for x in leftovers(docker_client, victim_id)), 15)
+        assert leftovers(docker_client, victim_id), "a SIGKILLed jail leaves its network until cleanup"
+        cleanup = run_jail("--cleanup", env=docker_env)
+        assert cleanup.returncode == 0
+        assert leftovers(docker_client, victim_id) == [], (
+            "jail --cleanup must reach the Docker backend (jail.platform.cleanup_orphans)"
+        )
+        assert victim_id in cleanup.stdout
+        assert survivor.poll() is None and len(leftovers(docker_client, survivor_id)) >= 4
+    finally:
+        survivor.terminate()
+        survivor.wait(30)
+    assert wait_for(lambda: leftovers(docker_client, survivor_id) == [], timeout=10)
