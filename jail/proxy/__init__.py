@@ -5,14 +5,15 @@ from __future__ import annotations
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jail.audit import AuditSink
 from jail.model import ProxyEndpoint
-from jail.proxy.addon import Decide, PolicyAddon
-from jail.proxy.ca import CertificateAuthority, upstream_trust_bundle
-from jail.proxy.guard import AddressGuard
-from jail.proxy.secrets import Vault
-from jail.proxy.server import EmbeddedProxy, ProxySettings
+
+if TYPE_CHECKING:
+    from jail.audit import AuditSink
+    from jail.proxy.addon import Decide
+    from jail.proxy.guard import AddressGuard
+    from jail.proxy.secrets import Vault
 
 
 async def start_proxy(
@@ -31,6 +32,11 @@ async def start_proxy(
     With `transparent`, a second listener on the same host takes connections that a firewall
     redirected to it (their destination is read from the connection tracking).
     """
+    # mitmproxy is imported here, not with the package: `--test`, `--explain` and the tools never need it.
+    from jail.proxy.addon import PolicyAddon
+    from jail.proxy.ca import CertificateAuthority, upstream_trust_bundle
+    from jail.proxy.server import EmbeddedProxy, ProxySettings
+
     ca = CertificateAuthority.ensure(ca_dir)
     trust = upstream_trust_bundle(upstream_ca, workdir) if upstream_ca else None
     transparent_port = free_port(listen[0]) if transparent else None
