@@ -61,6 +61,8 @@ class Vault:
 
     def carried(self, texts: Iterable[str]) -> list[Secret]:
         """The secrets whose placeholder appears in any of these texts (Basic credentials decoded)."""
+        if not self.items:
+            return []
         found = []
         expanded = [*texts]
         expanded += [decoded for text in expanded if (decoded := _basic_credentials(text)) is not None]
