@@ -129,6 +129,8 @@ def start_upstream(scheme: str, context: ssl.SSLContext | None, port: int = 0) -
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
+        # socketserver's default backlog of 5 drops bursts of concurrent connections from the proxy.
+        request_queue_size = 256
 
         def get_request(self):  # type: ignore[no-untyped-def]
             sock, address = super().get_request()

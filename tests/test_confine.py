@@ -134,6 +134,8 @@ def test_seccomp_program_jumps_stay_inside() -> None:
 
 
 class FakeBackend:
+    jail_id = "0badf00d"
+
     def __init__(self, name: str, prefix: list[str]) -> None:
         self.name = name
         self.prefix = prefix

@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -308,6 +309,7 @@ def test_sigkilled_jail_is_cleaned_by_cleanup_without_touching_a_running_one(run
         cleanup = run_jail("--cleanup")
         assert cleanup.returncode == 0 and victim_id in cleanup.stdout
         assert victim_id not in existing_jail_ids()
+        assert not list(Path(tempfile.gettempdir()).glob(f"jail-{victim_id}-*")), "its work and temp dirs go too"
         assert survivor_id in existing_jail_ids(), "the running jail must be left alone"
         assert survivor.poll() is None
         assert wait_for(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 from typing import Protocol
 
 from jail.model import JailError, ProxyEndpoint
@@ -62,4 +65,9 @@ def cleanup_orphans() -> list[str]:
     from jail.platform.netns import strong_mode_unavailable
 
     removed = remove_netns_orphans() if strong_mode_unavailable() is None else []
-    return removed + [jail_id for jail_id in remove_docker_orphans() if jail_id not in removed]
+    removed += [jail_id for jail_id in remove_docker_orphans() if jail_id not in removed]
+    for jail_id in removed:
+        # The killed jail's work and temp dirs (names start with its id).
+        for leftover in Path(tempfile.gettempdir()).glob(f"jail-{jail_id}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return removed

@@ -242,7 +242,7 @@ def confine_command(policy: FsPolicy | None, backend, argv: list[str]) -> list[s
     require_landlock()
     wrapped = backend.child_command(argv)
     owner = _setpriv_owner(wrapped)
-    policy = _with_private_tmp(policy, owner)
+    policy = _with_private_tmp(policy, owner, backend.jail_id)
     if "setpriv" in wrapped:
         at = wrapped.index("setpriv")
         return [*wrapped[:at], *launcher_prefix(policy), *wrapped[at:]]
@@ -258,13 +258,14 @@ def _setpriv_owner(argv: list[str]) -> tuple[int, int] | None:
     return (found["--reuid="], found.get("--regid=", -1)) if "--reuid=" in found else None
 
 
-def _with_private_tmp(policy: FsPolicy, owner: tuple[int, int] | None) -> FsPolicy:
+def _with_private_tmp(policy: FsPolicy, owner: tuple[int, int] | None, jail_id: str) -> FsPolicy:
     import atexit
     import shutil
     import tempfile
     from dataclasses import replace
 
-    tmp = tempfile.mkdtemp(prefix="jail-tmp-")
+    # Named from the jail id, so `cleanup_orphans` finds it when jail was killed before its atexit ran.
+    tmp = tempfile.mkdtemp(prefix=f"jail-{jail_id}-tmp-")
     atexit.register(shutil.rmtree, tmp, True)
     if owner is not None:
         os.chown(tmp, owner[0], owner[1])
