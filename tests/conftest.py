@@ -45,6 +45,11 @@ class Upstream:
         self.connections.clear()
         self.requests.clear()
 
+    def stop(self) -> None:
+        """Stop serving and release the port (shutdown() alone keeps the socket bound)."""
+        self.server.shutdown()
+        self.server.server_close()
+
 
 class EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -162,7 +167,7 @@ def test_ca_file(test_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) 
 def http_upstream() -> Iterator[Upstream]:
     upstream = start_upstream("http", None)
     yield upstream
-    upstream.server.shutdown()
+    upstream.stop()
 
 
 @pytest.fixture(scope="session")
@@ -171,7 +176,7 @@ def https_upstream(test_ca: trustme.CA) -> Iterator[Upstream]:
     test_ca.issue_cert(UPSTREAM_HOST, "localhost").configure_cert(context)
     upstream = start_upstream("https", context)
     yield upstream
-    upstream.server.shutdown()
+    upstream.stop()
 
 
 @pytest.fixture(autouse=True)

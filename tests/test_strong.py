@@ -46,8 +46,8 @@ def named_upstreams(test_ca):
         yield http, https
     finally:
         HOSTS_FILE.write_text(original)
-        http.server.shutdown()
-        https.server.shutdown()
+        http.stop()
+        https.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is no
 def http_upstream():
     upstream = start_upstream("http", None)
     yield upstream
-    upstream.server.shutdown()
+    upstream.stop()
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def https_upstream(test_ca):
     test_ca.issue_cert(UPSTREAM_HOST, "localhost").configure_cert(context)
     upstream = start_upstream("https", context)
     yield upstream
-    upstream.server.shutdown()
+    upstream.stop()
 
 
 CURL = ["curl", "-sS", "--max-time", "20", "--suppress-connect-headers"]
