@@ -8,7 +8,7 @@ import json
 import re
 import socket
 import string
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -152,10 +152,19 @@ class Request:
         return f"{self.scheme}://{self.authority}{self.path}{query}"
 
     def to_dict(self) -> dict[str, Any]:
-        """The object a rule receives: every field plus `url`."""
-        fields = asdict(self)
-        fields["url"] = self.url
-        return fields
+        """The object a rule receives: every field plus `url`. Built by hand: it runs per request,
+        and dataclasses.asdict (a deep copy) costs several times more."""
+        return {
+            "method": self.method,
+            "scheme": self.scheme,
+            "host": self.host,
+            "port": self.port,
+            "path": self.path,
+            "query": self.query,
+            "headers": dict(self.headers),
+            "requester_ip": self.requester_ip,
+            "url": self.url,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))

@@ -266,3 +266,11 @@ def test_metadata_and_private_listeners_are_never_dialled(run_jail, dummy_target
         assert strong == ["403"] * 5, strong
         assert len(private.accepted) == 2, "strong mode must not dial a private address"
     assert metadata.accepted == []
+
+
+def test_the_rule_object_carries_every_request_field():
+    from dataclasses import fields
+
+    request = Request.build("POST", "https", "A.example.", 8443, "/p", "q=1", {"X-A": "b"}, "10.0.0.2")
+    assert set(request.to_dict()) == {f.name for f in fields(Request)} | {"url"}
+    assert request.to_dict()["url"] == "https://a.example:8443/p?q=1"
