@@ -9,6 +9,7 @@ import re
 import socket
 import string
 from dataclasses import dataclass, field, replace
+from json.encoder import encode_basestring_ascii as json_string
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -167,7 +168,20 @@ class Request:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        """`to_dict()` as compact JSON. Written out by hand, the same text as json.dumps in half the
+        time: the JS and proc engines send it with every request."""
+        if type(self.port) is not int:
+            return json.dumps(self.to_dict(), separators=(",", ":"))
+        try:
+            headers = ",".join([f"{json_string(name)}:{json_string(value)}" for name, value in self.headers.items()])
+            return (
+                f'{{"method":{json_string(self.method)},"scheme":{json_string(self.scheme)},'
+                f'"host":{json_string(self.host)},"port":{self.port},"path":{json_string(self.path)},'
+                f'"query":{json_string(self.query)},"headers":{{{headers}}},'
+                f'"requester_ip":{json_string(self.requester_ip)},"url":{json_string(self.url)}}}'
+            )
+        except TypeError:  # a field that is not a string: json.dumps knows how to write it
+            return json.dumps(self.to_dict(), separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +208,10 @@ class Decision:
         return cls(False, reason, reason_code, rule=rule)
 
     def stamped(self, engine: str, rule_us: int) -> Decision:
-        return replace(self, engine=engine, rule_us=rule_us)
+        # Every field by position: it runs per request, and dataclasses.replace costs twice as much.
+        return Decision(
+            self.allow, self.reason, self.reason_code, engine, self.max_tx_bytes, rule_us, self.rule, self.would_deny
+        )
 
     def audited(self) -> Decision:
         """Audit mode: a deny becomes an allow that remembers it would have been denied."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from jail.model import Request, normalize_host
+from jail.model import Decision, Request, normalize_host
 from jail.proxy.guard import AddressGuard, networks
 from tests.conftest import UPSTREAM_HOST
 from tests.test_proxy import read_response
@@ -274,3 +274,26 @@ def test_the_rule_object_carries_every_request_field():
     request = Request.build("POST", "https", "A.example.", 8443, "/p", "q=1", {"X-A": "b"}, "10.0.0.2")
     assert set(request.to_dict()) == {f.name for f in fields(Request)} | {"url"}
     assert request.to_dict()["url"] == "https://a.example:8443/p?q=1"
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        Request.build("POST", "https", "A.example.", 8443, "/p", "q=1", {"X-A": "b"}, "10.0.0.2"),
+        Request.build("GET", "http", "bücher.example", None, '/"quoted"\\', "é=ü&\x01", {"x": "\u2028\t\n"}),
+        Request("GET", "https", "e.example", 443, "/", headers={"x": 1}),  # type: ignore[dict-item]
+        Request("GET", "https", "e.example", True, "/"),  # type: ignore[arg-type]
+    ],
+)
+def test_the_rule_json_is_exactly_json_dumps_of_the_rule_object(request_):
+    assert request_.to_json() == json.dumps(request_.to_dict(), separators=(",", ":"))
+
+
+def test_stamping_a_decision_keeps_every_other_field():
+    from dataclasses import MISSING, fields, replace
+
+    decision = Decision(False, "why", "code", "js", 5, 7, "ci.toml:3", True)
+    # Every field differs from its default: a field added to Decision must be added here (and to stamped).
+    assert all(getattr(decision, f.name) != f.default for f in fields(Decision) if f.default is not MISSING)
+    assert len(fields(Decision)) == 8
+    assert decision.stamped("proc", 42) == replace(decision, engine="proc", rule_us=42)
