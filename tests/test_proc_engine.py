@@ -477,6 +477,106 @@ def test_stderr_goes_to_the_log_not_the_answer(tmp_path, caplog):
     assert "rule program: looking at chatty.example" in [r.getMessage() for r in caplog.records]
 
 
+def test_answers_split_across_writes_and_batched_in_one_write(tmp_path):
+    # Half an answer, a pause, the rest; then three answers (out of order) in a single write.
+    program = Program(
+        tmp_path,
+        """
+        r = next(requests())
+        text = json.dumps({"id": r["id"], "allow": True})
+        sys.stdout.write(text[:5]); sys.stdout.flush(); time.sleep(0.2)
+        say(text[5:])
+        batch = [next(requests()) for _ in range(3)]
+        sys.stdout.write("".join(json.dumps({"id": b["id"], "deny_message": b["path"]}) + "\\n" for b in batch[::-1]))
+        sys.stdout.flush()
+        for r in requests():
+            say("true")
+        """,
+    )
+
+    async def scenario() -> tuple[Decision, list[Decision]]:
+        engine = await started(program)
+        judge = Judge(engine)
+        try:
+            first = await judge.decide(url("/first"))
+            batch = await asyncio.gather(*(judge.decide(url(f"/{i}")) for i in range(3)))
+            return first, batch
+        finally:
+            await engine.close()
+
+    first, batch = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert first.allow is True
+    assert [d.reason for d in batch] == ["/0", "/1", "/2"]
+    assert len(program.pids) == 1
+
+
+def test_answer_longer_than_the_line_limit_restarts_the_program(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="jail.rule")
+    program = Program(
+        tmp_path,
+        """
+        for r in requests():
+            say("true" if r["path"] == "/ok" else "x" * (1024 * 1024 + 10))
+        """,
+    )
+    ok, long, after = run_requests(program, url("/ok"), url("/long"), url("/ok"))
+    assert ok.allow is True
+    assert (long.allow, long.reason_code) == (False, "rule_error")
+    assert "longer than" in long.reason
+    assert after.allow is True
+    assert len(program.pids) == 2
+
+
+def test_last_answer_without_a_newline_still_counts(tmp_path):
+    program = Program(
+        tmp_path,
+        """
+        next(requests())
+        sys.stdout.write("true")
+        """,
+    )
+    first, second = run_requests(program, url("/1"), url("/2"))
+    assert first.allow is True
+    assert second.allow is True  # from the restarted program
+    assert len(program.pids) == 2
+
+
+def test_program_that_closes_its_input_is_replaced_without_waiting_for_a_deadline(tmp_path):
+    program = Program(
+        tmp_path,
+        """
+        for r in requests():
+            say(json.dumps({"id": r["id"], "allow": True}))
+            if r["path"] == "/close":
+                os.close(0)
+                time.sleep(30)
+        """,
+    )
+
+    async def scenario() -> tuple[list[Decision], float]:
+        engine = await started(program, 5.0)
+        judge = Judge(engine)
+        try:
+            decisions = [await judge.decide(url("/close"))]
+            await asyncio.sleep(0.3)
+            begin = time.monotonic()
+            decisions += [await judge.decide(url(f"/{i}")) for i in range(3)]
+            return decisions, time.monotonic() - begin
+        finally:
+            await engine.close()
+
+    decisions, elapsed = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert decisions[0].allow is True
+    for decision in decisions[1:]:
+        assert decision.allow or (decision.reason_code, decision.reason) == (
+            "rule_error",
+            "rule program closed its input",
+        )
+    assert decisions[-1].allow is True
+    assert elapsed < 4
+    assert len(program.pids) == 2
+
+
 # --- start and stop -----------------------------------------------------------------------
 
 
