@@ -230,7 +230,6 @@ class ProxyEndpoint:
     port: int
     ca_cert: Path
     ca_bundle: Path
-    transparent_port: int | None = None
 
     @property
     def url(self) -> str:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from jail.audit import AuditSink
 from jail.model import ProxyEndpoint, Request
-from jail.platform import select_backend
+from jail.platform import Listeners, listening_socket, select_backend
 from jail.platform.confine import FsPolicy, confine_command
 from jail.platform.process import Child, ChildError
 from jail.policies import Judge, RuleSpec, build_engine
+from jail.proxy.ca import CertificateAuthority
 from jail.proxy.secrets import Secret
 
 logger = logging.getLogger("jail")
@@ -91,12 +92,7 @@ class Session:
             self.signals.install()
             self.stack.callback(self.signals.remove)
             await self._start_rule_and_logs()
-            if self.config.server:
-                await self._start_proxy(self.config.listen, transparent=False, isolated=False)
-                await self.signals.stopping.wait()
-                status = 0
-            else:
-                status = await self._run_child()
+            status = await (self._run_server() if self.config.server else self._run_child())
         return self._verdict_status(status)
 
     def _verdict_status(self, status: int) -> int:
@@ -121,47 +117,53 @@ class Session:
         self.stack.callback(self.audit.close)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"jail-{self.jail_id}-"))
         self.stack.callback(shutil.rmtree, self.workdir, True)
+        self.ca = CertificateAuthority.ensure(self.config.ca_dir)
 
-    async def _start_proxy(self, listen: tuple[str, int], transparent: bool, isolated: bool) -> ProxyEndpoint:
+    async def _serve(self, listeners: Listeners, isolated: bool) -> None:
+        """Serve the backend's sockets: the proxy (started last, it is the slow part) and jail's resolver."""
         from jail.proxy import start_proxy
         from jail.proxy.guard import AddressGuard, networks
         from jail.proxy.secrets import Vault
 
-        endpoint, stop = await start_proxy(
-            listen=listen,
+        if listeners.dns is not None:
+            from jail.proxy.dns import start_resolver
+
+            transport = await start_resolver(listeners.dns, listeners.sinkhole, self.audit.record_dns)
+            self.stack.callback(transport.close)
+        stop = await start_proxy(
+            ca=self.ca,
+            regular=listeners.regular,
+            transparent=listeners.transparent,
             decide=Judge(self.engine, self.config.audit_mode).decide,
             audit=self.audit,
-            ca_dir=self.config.ca_dir,
             upstream_ca=self.config.upstream_ca,
             workdir=self.workdir,
             guard=AddressGuard(isolated, networks(*self.config.allow_private)),
             vault=Vault(self.config.secrets),
-            transparent=transparent,
         )
         self.stack.push_async_callback(stop)
+
+    def _endpoint(self, listeners: Listeners) -> ProxyEndpoint:
+        self.stack.callback(listeners.close)
+        host, port, *_ = listeners.regular.getsockname()
+        return ProxyEndpoint(host, port, self.ca.cert_path, self.ca.bundle_path)
+
+    async def _run_server(self) -> int:
+        listeners = Listeners(listening_socket(*self.config.listen))
+        endpoint = self._endpoint(listeners)
+        await self._serve(listeners, isolated=False)
         logger.info("jail %s: proxy listening on %s", self.jail_id, endpoint.url)
-        if self.config.server:
-            print(f"jail: proxy listening on {endpoint.url}; CA certificate: {endpoint.ca_cert}", flush=True)
-        return endpoint
-
-    async def _start_resolver(self, listen: tuple[str, int], sinkhole: str) -> None:
-        from jail.proxy.dns import start_resolver
-
-        transport = await start_resolver(listen, sinkhole, self.audit.record_dns)
-        self.stack.callback(transport.close)
+        print(f"jail: proxy listening on {endpoint.url}; CA certificate: {endpoint.ca_cert}", flush=True)
+        await self.signals.stopping.wait()
+        return 0
 
     async def _run_child(self) -> int:
         backend = select_backend(self.jail_id, self.config.weak, self.config.user, self.config.docker_run)
         logger.info("jail %s: %s mode", self.jail_id, backend.name)
         # Teardown is registered first: a half-prepared backend is removed too.
         self.stack.push_async_callback(backend.teardown)
-        await backend.prepare()
-        proxy = await self._start_proxy(
-            (backend.proxy_listen_host(), 0), "transparent" in backend.proxy_modes(), isolated=backend.name != "weak"
-        )
-        backend.attach_proxy(proxy.port, proxy.transparent_port)
-        if (dns := backend.dns_address()) is not None:
-            await self._start_resolver(dns, backend.proxy_listen_host())
+        listeners = await backend.prepare()
+        proxy = self._endpoint(listeners)
         env = backend.child_environment(dict(os.environ), proxy)
         # The child holds placeholders only; the real values stay in jail.
         env.update({secret.name: secret.placeholder for secret in self.config.secrets})
@@ -174,15 +176,23 @@ class Session:
             print(f"jail: {exc}", file=sys.stderr)
             return exc.status
         self.stack.push_async_callback(child.kill_tree)
-        return await self._supervise(child)
+        # The child runs while the proxy loads: its first requests wait in the sockets' backlog.
+        serving = asyncio.create_task(self._serve(listeners, backend.isolated))
+        self.stack.push_async_callback(_cancelled, serving)
+        return await self._supervise(child, serving)
 
-    async def _supervise(self, child: Child) -> int:
+    async def _supervise(self, child: Child, serving: asyncio.Task[None]) -> int:
         self.signals.child = child
         exited = asyncio.create_task(child.wait())
         deadline = asyncio.create_task(asyncio.sleep(self.config.timeout)) if self.config.timeout else None
         stopping = asyncio.create_task(self.signals.stopping.wait())
         waiters = {exited, stopping} | ({deadline} if deadline else set())
         try:
+            await asyncio.wait(waiters | {serving}, return_when=asyncio.FIRST_COMPLETED)
+            if serving.done() and serving.exception() is not None and not exited.done():
+                # The proxy could not start: the child must not run on, unserved.
+                await child.kill_tree()
+                raise serving.exception()
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             if stopping.done() and not exited.done():
                 await asyncio.wait({exited}, timeout=SHUTDOWN_GRACE_SECONDS)
@@ -197,6 +207,16 @@ class Session:
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception as exc:  # the child has exited already; its status stands, the failure is still said
+        print(f"jail: {exc}", file=sys.stderr)
 
 
 class SignalRelay:

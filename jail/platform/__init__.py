@@ -3,32 +3,69 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from jail.model import JailError, ProxyEndpoint
+
+LISTEN_BACKLOG = 1024
+
+
+@dataclass
+class Listeners:
+    """The sockets a backend bound for its child: the proxy's, and jail's resolver's when it gives one.
+
+    Bound before the proxy stack is loaded, so the child can start at once: its first connections
+    wait in the listening backlog until the proxy serves them.
+    """
+
+    regular: socket.socket
+    # Connections the firewall redirected to the proxy (isolated backends).
+    transparent: socket.socket | None = None
+    # jail's resolver, and the one address it answers for every name.
+    dns: socket.socket | None = None
+    sinkhole: str = ""
+
+    def sockets(self) -> list[socket.socket]:
+        return [s for s in (self.regular, self.transparent, self.dns) if s is not None]
+
+    def close(self) -> None:
+        for sock in self.sockets():
+            sock.close()
+
+
+def listening_socket(host: str, port: int = 0) -> socket.socket:
+    """A TCP socket listening on host:port, with room in its backlog for a burst before the proxy serves it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+    except OSError as exc:
+        raise JailError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def datagram_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise JailError(f"cannot listen on {host}:{port} (UDP): {exc.strerror}") from None
+    return sock
 
 
 class Backend(Protocol):
     """prepare → run the child → tear down. Resource names derive from the jail id."""
 
     name: str
+    # Whether the child can reach nothing but jail (the proxy then refuses private addresses too).
+    isolated: bool
 
-    def proxy_listen_host(self) -> str:
-        """The address the proxy must listen on for this backend's child to reach it."""
-
-    def proxy_modes(self) -> list[str]:
-        """["regular"], plus "transparent" when the backend redirects connections to the proxy."""
-
-    def dns_address(self) -> tuple[str, int] | None:
-        """Where jail's own resolver must listen, if this backend gives the child one."""
-
-    async def prepare(self) -> None: ...
-
-    def attach_proxy(self, regular_port: int, transparent_port: int | None) -> None:
-        """Called once the proxy listens: steer the child's traffic to these ports."""
+    async def prepare(self) -> Listeners:
+        """Build the isolation and bind the sockets the child will reach jail on."""
 
     def child_environment(self, base: dict[str, str], proxy: ProxyEndpoint) -> dict[str, str]: ...
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from jail.model import JailError, ProxyEndpoint
+from jail.platform import Listeners, datagram_socket, listening_socket
 from jail.platform.netns import (
     DNS_PORT,
     STATE_DIR,
@@ -317,6 +318,7 @@ def container_environment(
 
 class DockerBackend:
     name = "docker"
+    isolated = True
 
     def __init__(self, jail_id: str) -> None:
         self.jail_id = jail_id
@@ -332,16 +334,7 @@ class DockerBackend:
         assert self.subnet is not None
         return str(self.subnet.network_address + 1)
 
-    def proxy_listen_host(self) -> str:
-        return self.gateway
-
-    def proxy_modes(self) -> list[str]:
-        return ["regular", "transparent"]
-
-    def dns_address(self) -> tuple[str, int]:
-        return self.gateway, DNS_PORT
-
-    async def prepare(self) -> None:
+    async def prepare(self) -> Listeners:
         if (reason := docker_unavailable()) is not None:
             raise JailError(f"--docker-run: {reason}")
         self.client = await asyncio.to_thread(docker_client)
@@ -349,6 +342,20 @@ class DockerBackend:
         STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.names.pid_file.write_text(str(os.getpid()))
         await asyncio.to_thread(self._create_network)
+        listeners = Listeners(
+            listening_socket(self.gateway),
+            listening_socket(self.gateway),
+            datagram_socket(self.gateway, DNS_PORT),
+            sinkhole=self.gateway,
+        )
+        ports = (listeners.regular.getsockname()[1], listeners.transparent.getsockname()[1])
+        try:
+            # The strong mode's host table, on the bridge: 80/443 redirected, only proxy and DNS accepted.
+            run_tool(["nft", "-f", "-"], host_ruleset(self.names, self.gateway, ports))
+        except BaseException:
+            listeners.close()
+            raise
+        return listeners
 
     def _create_network(self) -> None:
         import docker
@@ -387,11 +394,6 @@ class DockerBackend:
         # No IPv6 on the bridge at all; the nft table rejects IPv6 as well.
         with contextlib.suppress(OSError):
             Path(f"/proc/sys/net/ipv6/conf/{names.host_link}/disable_ipv6").write_text("1")
-
-    def attach_proxy(self, regular_port: int, transparent_port: int | None) -> None:
-        """The strong mode's host table, on the bridge: 80/443 redirected, only proxy and DNS accepted."""
-        assert transparent_port is not None
-        run_tool(["nft", "-f", "-"], host_ruleset(self.names, self.gateway, (regular_port, transparent_port)))
 
     def child_environment(self, base: dict[str, str], proxy: ProxyEndpoint) -> dict[str, str]:
         """The attach program's environment: jail's own (it talks to dockerd), never the proxy's."""

@@ -30,6 +30,7 @@ from pathlib import Path
 import psutil
 
 from jail.model import JailError, ProxyEndpoint
+from jail.platform import Listeners, datagram_socket, listening_socket
 
 logger = logging.getLogger("jail.netns")
 
@@ -175,6 +176,7 @@ def child_user() -> tuple[int, int] | None:
 
 class NetnsBackend:
     name = "strong"
+    isolated = True
 
     def __init__(self, jail_id: str, user: str | None = None) -> None:
         self.jail_id = jail_id
@@ -192,16 +194,7 @@ class NetnsBackend:
         assert self.subnet is not None
         return str(self.subnet.network_address + 2)
 
-    def proxy_listen_host(self) -> str:
-        return self.host_address
-
-    def proxy_modes(self) -> list[str]:
-        return ["regular", "transparent"]
-
-    def dns_address(self) -> tuple[str, int]:
-        return self.host_address, DNS_PORT
-
-    async def prepare(self) -> None:
+    async def prepare(self) -> Listeners:
         cleanup_orphans()
         STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.names.pid_file.write_text(str(os.getpid()))
@@ -211,6 +204,18 @@ class NetnsBackend:
             self.subnet = _pick_subnet(self.jail_id)
             # pyroute2's synchronous API runs its own event loop: keep it off jail's.
             await asyncio.to_thread(self._create_links)
+        listeners = Listeners(
+            listening_socket(self.host_address),
+            listening_socket(self.host_address),
+            datagram_socket(self.host_address, DNS_PORT),
+            sinkhole=self.host_address,
+        )
+        try:
+            self._install_firewall(listeners.regular.getsockname()[1], listeners.transparent.getsockname()[1])
+        except BaseException:
+            listeners.close()
+            raise
+        return listeners
 
     def _create_links(self) -> None:
         from pyroute2 import IPRoute
@@ -244,8 +249,8 @@ class NetnsBackend:
             ]
         )
 
-    def attach_proxy(self, regular_port: int, transparent_port: int) -> None:
-        """Install the firewall both sides, now that the proxy's ports are known."""
+    def _install_firewall(self, regular_port: int, transparent_port: int) -> None:
+        """Both sides: the proxy's ports are known once its sockets are bound."""
         names = self.names
         run_tool(
             ["ip", "netns", "exec", names.netns, "nft", "-f", "-"], jail_ruleset(names, self.host_address, regular_port)

@@ -7,6 +7,7 @@ Programs that honour HTTP(S)_PROXY go through the proxy; anything else (raw sock
 from __future__ import annotations
 
 from jail.model import ProxyEndpoint
+from jail.platform import Listeners, listening_socket
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 # Each points at a bundle of the system CAs plus jail's, for clients that replace their trust list.
@@ -41,24 +42,13 @@ def proxy_environment(base: dict[str, str], proxy: ProxyEndpoint, jail_id: str) 
 
 class WeakBackend:
     name = "weak"
+    isolated = False
 
     def __init__(self, jail_id: str) -> None:
         self.jail_id = jail_id
 
-    def proxy_listen_host(self) -> str:
-        return "127.0.0.1"
-
-    def proxy_modes(self) -> list[str]:
-        return ["regular"]
-
-    def dns_address(self) -> tuple[str, int] | None:
-        return None
-
-    async def prepare(self) -> None:
-        pass
-
-    def attach_proxy(self, regular_port: int, transparent_port: int | None) -> None:
-        pass
+    async def prepare(self) -> Listeners:
+        return Listeners(listening_socket("127.0.0.1"))
 
     def child_environment(self, base: dict[str, str], proxy: ProxyEndpoint) -> dict[str, str]:
         return proxy_environment(base, proxy, self.jail_id)

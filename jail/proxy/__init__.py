@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jail.model import ProxyEndpoint
+from jail.proxy.ca import CertificateAuthority
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from jail.audit import AuditSink
     from jail.proxy.addon import Decide
     from jail.proxy.guard import AddressGuard
@@ -17,38 +22,55 @@ if TYPE_CHECKING:
 
 
 async def start_proxy(
-    listen: tuple[str, int],
+    ca: CertificateAuthority,
+    regular: socket.socket,
     decide: Decide,
     audit: AuditSink,
-    ca_dir: Path | None,
     upstream_ca: Path | None,
     workdir: Path,
     guard: AddressGuard,
     vault: Vault,
-    transparent: bool = False,
-) -> tuple[ProxyEndpoint, Callable[[], Awaitable[None]]]:
-    """Start the proxy; return where clients reach it and the coroutine function that stops it.
+    transparent: socket.socket | None = None,
+) -> Callable[[], Awaitable[None]]:
+    """Serve the bound sockets; return the coroutine function that stops the proxy.
 
-    With `transparent`, a second listener on the same host takes connections that a firewall
-    redirected to it (their destination is read from the connection tracking).
+    With `transparent`, that socket takes connections a firewall redirected to it (their
+    destination is read from the connection tracking).
     """
-    # mitmproxy is imported here, not with the package: `--test`, `--explain` and the tools never need it.
+    # mitmproxy takes most of a second to import: jail's child is already running meanwhile, and
+    # `--test`, `--explain` and the tools never load it.
+    server = await import_in_background("jail.proxy.server")
     from jail.proxy.addon import PolicyAddon
-    from jail.proxy.ca import CertificateAuthority, upstream_trust_bundle
-    from jail.proxy.server import EmbeddedProxy, ProxySettings
+    from jail.proxy.ca import upstream_trust_bundle
 
-    ca = CertificateAuthority.ensure(ca_dir)
     trust = upstream_trust_bundle(upstream_ca, workdir) if upstream_ca else None
-    transparent_port = free_port(listen[0]) if transparent else None
-    settings = ProxySettings(listen[0], listen[1], ca.directory, trust, transparent_port)
-    proxy = EmbeddedProxy(settings, PolicyAddon(decide, audit, guard, vault))
-    host, port = await proxy.start()
-    return ProxyEndpoint(host, port, ca.cert_path, ca.bundle_path, transparent_port), proxy.stop
+    settings = server.ProxySettings(ca.directory, regular, transparent, trust)
+    proxy = server.EmbeddedProxy(settings, PolicyAddon(decide, audit, guard, vault))
+    await proxy.start()
+    return proxy.stop
 
 
-def free_port(host: str) -> int:
-    # mitmproxy refuses two listeners that both ask for port 0 on one host, so pick this one here.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+def import_in_background(name: str) -> asyncio.Future[ModuleType]:
+    """Import a module in a daemon thread, so the event loop (and the child's supervision) goes on,
+    and an exit meanwhile does not wait for the import to finish."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[ModuleType] = loop.create_future()
+
+    def settle(module: ModuleType | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(module)
+
+    def run() -> None:
+        try:
+            module = importlib.import_module(name)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, module, None)
+
+    threading.Thread(target=run, name=f"import {name}", daemon=True).start()
+    return done

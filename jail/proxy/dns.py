@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
@@ -51,7 +52,8 @@ class SinkholeResolver(asyncio.DatagramProtocol):
         self.transport.sendto(reply.pack(), addr)
 
 
-async def start_resolver(listen: tuple[str, int], sinkhole: str, observe: QueryObserver) -> asyncio.DatagramTransport:
+async def start_resolver(sock: socket.socket, sinkhole: str, observe: QueryObserver) -> asyncio.DatagramTransport:
+    """Answer the queries that reach the bound UDP socket `sock`."""
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(lambda: SinkholeResolver(sinkhole, observe), local_addr=listen)
+    transport, _ = await loop.create_datagram_endpoint(lambda: SinkholeResolver(sinkhole, observe), sock=sock)
     return transport

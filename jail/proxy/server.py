@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
+from mitmproxy.proxy.mode_servers import ServerInstance
 
 from jail.model import JailError
 from jail.proxy.addon import PolicyAddon
@@ -42,20 +44,16 @@ class Ready:
 
 @dataclass(frozen=True)
 class ProxySettings:
-    listen_host: str
-    listen_port: int
     ca_dir: Path
+    # Bound by the caller (the backend) before mitmproxy was even imported; connections that came
+    # meanwhile wait in their backlog.
+    regular: socket.socket
+    # Connections a firewall redirected here: their destination is read from connection tracking.
+    transparent: socket.socket | None = None
     upstream_trust: Path | None = None
-    # A second listener for connections the firewall redirects (isolated jails only).
-    transparent_port: int | None = None
 
-    @property
-    def modes(self) -> list[str]:
-        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
-        modes = [f"regular@{host}:{self.listen_port}"]
-        if self.transparent_port is not None:
-            modes.append(f"transparent@{host}:{self.transparent_port}")
-        return modes
+    def listeners(self) -> list[tuple[str, socket.socket]]:
+        return [("regular", self.regular)] + ([("transparent", self.transparent)] if self.transparent else [])
 
 
 class EmbeddedProxy:
@@ -64,16 +62,12 @@ class EmbeddedProxy:
         self.policy = policy
         self.master: Master | None = None
         self._task: asyncio.Task[None] | None = None
-        self.address: tuple[str, int] = (settings.listen_host, settings.listen_port)
+        self._servers: list[asyncio.Server] = []
 
-    async def start(self) -> tuple[str, int]:
-        """Start listening; return the regular listener's (host, port). Raises JailError when it cannot listen."""
-        opts = options.Options(
-            listen_host=self.settings.listen_host,
-            listen_port=self.settings.listen_port,
-            confdir=str(self.settings.ca_dir),
-            mode=self.settings.modes,
-        )
+    async def start(self) -> None:
+        """Serve the given sockets. Raises JailError when mitmproxy cannot start."""
+        # No mode of mitmproxy's own: it would bind listeners; jail serves the sockets it was given.
+        opts = options.Options(confdir=str(self.settings.ca_dir), mode=[])
         self.master = Master(opts)
         ready = Ready()
         server = proxyserver.Proxyserver()
@@ -101,21 +95,20 @@ class EmbeddedProxy:
             waiter = asyncio.create_task(ready.event.wait())
             await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
-            addresses = server.listen_addrs() if ready.event.is_set() else []
         finally:
             mitm_logger.removeHandler(errors)
-        if len(addresses) < len(self.settings.modes):
+        if not ready.event.is_set():
             await self.stop()
-            why = errors.messages[-1] if errors.messages else "unknown error"
-            where = f"{self.settings.listen_host}:{self.settings.listen_port}"
-            raise JailError(f"the proxy cannot listen on {where}: {why}")
-        self.policy.set_listen_addresses(addresses)
-        regular = next(instance for instance in server.servers if instance.mode.type_name == "regular")
-        host, port, *_ = regular.listen_addrs[0]
-        self.address = (host, port)
-        return self.address
+            raise JailError(f"the proxy cannot start: {errors.messages[-1] if errors.messages else 'unknown error'}")
+        self.policy.set_listen_addresses([sock.getsockname() for _, sock in self.settings.listeners()])
+        for mode, sock in self.settings.listeners():
+            instance = ServerInstance.make(mode, server)
+            self._servers.append(await asyncio.start_server(instance.handle_stream, sock=sock))
 
     async def stop(self) -> None:
+        for listener in self._servers:
+            listener.close()
+        self._servers = []
         if self.master is not None and self._task is not None:
             self.master.shutdown()
             try:
