@@ -153,6 +153,7 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--fail-on-deny", is_flag=True, help="Exit non-zero if any request was (or would have been) denied.")
 @click.option("--rule-timeout", type=float, metavar="S", help="Per-request rule timeout (JS 0.1 s, others 5 s).")
 @click.option("--weak", is_flag=True, help="Environment variables only (no OS isolation).")
+@click.option("--allow-weak", is_flag=True, help="Fall back to --weak when the OS cannot isolate the command.")
 @click.option("--docker-run", is_flag=True, help="The command is `docker run` arguments: jail a container.")
 @click.option("--user", metavar="NAME", help="Run the command as this user (strong mode; default: $SUDO_UID).")
 @click.option("--cleanup", is_flag=True, help="Remove what killed jails left behind (namespaces, links, nft tables).")
@@ -212,6 +213,7 @@ def main(
     fail_on_deny: bool,
     rule_timeout: float | None,
     weak: bool,
+    allow_weak: bool,
     docker_run: bool,
     user: str | None,
     cleanup: bool,
@@ -260,6 +262,7 @@ def main(
         command=list(command),
         rule=spec,
         weak=weak,
+        allow_weak=allow_weak,
         timeout=timeout,
         request_log=request_log,
         audit_log=audit_log,

@@ -38,6 +38,8 @@ class JailConfig:
     command: list[str] = field(default_factory=list)
     rule: RuleSpec = field(default_factory=RuleSpec)
     weak: bool = False
+    # Without isolation available, run weak rather than refuse.
+    allow_weak: bool = False
     timeout: float | None = None
     request_log: Path | None = None
     audit_log: Path | None = None
@@ -158,7 +160,9 @@ class Session:
         return 0
 
     async def _run_child(self) -> int:
-        backend = select_backend(self.jail_id, self.config.weak, self.config.user, self.config.docker_run)
+        backend = select_backend(
+            self.jail_id, self.config.weak, self.config.user, self.config.docker_run, self.config.allow_weak
+        )
         logger.info("jail %s: %s mode", self.jail_id, backend.name)
         # Teardown is registered first: a half-prepared backend is removed too.
         self.stack.push_async_callback(backend.teardown)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sys
@@ -74,9 +75,13 @@ class Backend(Protocol):
     async def teardown(self) -> None: ...
 
 
-def select_backend(jail_id: str, weak: bool, user: str | None = None, docker_run: bool = False) -> Backend:
-    """The strongest backend available: a network namespace as root, else weak mode (said once on stderr)."""
+def select_backend(
+    jail_id: str, weak: bool, user: str | None = None, docker_run: bool = False, allow_weak: bool = False
+) -> Backend:
+    """The strongest backend available: a network namespace as root, a user namespace otherwise; weak mode
+    only when asked for (`--weak`) or allowed (`--allow-weak`, said once on stderr)."""
     from jail.platform.netns import NetnsBackend, strong_mode_unavailable
+    from jail.platform.rootless import RootlessBackend, rootless_unavailable
     from jail.platform.weak import WeakBackend
 
     if docker_run:
@@ -85,11 +90,23 @@ def select_backend(jail_id: str, weak: bool, user: str | None = None, docker_run
         return DockerBackend(jail_id)
     if weak:
         return WeakBackend(jail_id)
-    reason = strong_mode_unavailable()
-    if reason is None:
-        return NetnsBackend(jail_id, user)
+    if os.geteuid() == 0:
+        reason = strong_mode_unavailable()
+        if reason is None:
+            return NetnsBackend(jail_id, user)
+    else:
+        reason = rootless_unavailable()
+        if user is not None:
+            raise JailError("--user needs root (the strong mode runs the command as another user)")
+        if reason is None:
+            return RootlessBackend(jail_id)
     if user is not None:
         raise JailError(f"--user needs the strong mode, which is unavailable: {reason}")
+    if not allow_weak:
+        raise JailError(
+            f"cannot isolate the command: {reason}; pass --allow-weak (or --weak) to run it with proxy"
+            " variables only, which programs may ignore"
+        )
     print(f"jail: weak mode ({reason}): only programs that honour proxy variables are judged", file=sys.stderr)
     return WeakBackend(jail_id)
 

@@ -237,13 +237,13 @@ def confine_command(policy: FsPolicy | None, backend, argv: list[str]) -> list[s
     interpreter, which the user the command runs as (SUDO_UID, --user) may not be able to execute, and
     it can make read-only bind mounts without a user namespace; setpriv then drops to that user.
     """
-    if policy is None or not policy.enabled or backend.name not in ("weak", "strong"):
+    if policy is None or not policy.enabled or backend.name not in ("weak", "strong", "rootless"):
         return backend.child_command(argv)
     require_landlock()
     wrapped = backend.child_command(argv)
     owner = _setpriv_owner(wrapped)
     policy = _with_private_tmp(policy, owner, backend.jail_id)
-    if "setpriv" in wrapped:
+    if backend.name == "strong" and "setpriv" in wrapped:
         at = wrapped.index("setpriv")
         return [*wrapped[:at], *launcher_prefix(policy), *wrapped[at:]]
     return backend.child_command(confine_argv(policy, argv))
