@@ -321,7 +321,7 @@ PATHS = [
 ]
 QUERIES = ["", "a=1", "none", f"q={X}", "GET"]
 HEADER_VALUES = {
-    "x-a": ["", "a", "A", "yes", X, "curl/8"],
+    "x-a": ["", "a", "A", "yes", X, "curl/8", "line\u2028separator"],
     "user-agent": ["curl/8", "Mozilla/5.0", "", "yes"],
     "host": ["example.com"],
     "__proto__": ["p"],

@@ -83,77 +83,20 @@ STRING_METHODS = {"startsWith": 1, "endsWith": 1, "includes": 1, "toLowerCase": 
 
 # Every JavaScript punctuator, longest first, so that `===` is never read as `==` `=`; only some are in the subset.
 PUNCTUATORS = sorted(
-    [
-        "{",
-        "}",
-        "(",
-        ")",
-        "[",
-        "]",
-        ".",
-        "...",
-        ";",
-        ",",
-        "<",
-        ">",
-        "<=",
-        ">=",
-        "==",
-        "!=",
-        "===",
-        "!==",
-        "+",
-        "-",
-        "*",
-        "%",
-        "**",
-        "++",
-        "--",
-        "<<",
-        ">>",
-        ">>>",
-        "&",
-        "|",
-        "^",
-        "!",
-        "~",
-        "&&",
-        "||",
-        "??",
-        "?",
-        "?.",
-        ":",
-        "=",
-        "+=",
-        "-=",
-        "*=",
-        "%=",
-        "**=",
-        "<<=",
-        ">>=",
-        ">>>=",
-        "&=",
-        "|=",
-        "^=",
-        "&&=",
-        "||=",
-        "??=",
-        "=>",
-        "/",
-        "/=",
-    ],
+    "{ } ( ) [ ] . ... ; , < > <= >= == != === !== + - * % ** ++ -- << >> >>> & | ^ ! ~ && || ?? ? ?. : = += -="  # noqa: SIM905
+    " *= %= **= <<= >>= >>>= &= |= ^= &&= ||= ??= => / /=".split(),
     key=len,
     reverse=True,
 )
-SUPPORTED_PUNCTUATORS = frozenset(
-    ["(", ")", "[", "]", ".", ",", ";", "<", ">", "<=", ">=", "==", "!=", "===", "!==", "+", "!", "&&", "||", "?", ":"]
-)
+SUPPORTED_PUNCTUATORS = frozenset("( ) [ ] . , ; < > <= >= == != === !== + ! && || ? :".split())  # noqa: SIM905
 STRING_ESCAPES = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "t": "\t", "r": "\r"}
 NUMBER = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 NAME = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
 # Characters after a number that JS would read as part of it, or reject (`1x`, `1_0`, `0x1`, `01`, `1.`).
 AFTER_NUMBER = re.compile(r"[A-Za-z0-9_$.\\]|[^\x00-\x7f]")
-# Lone or paired surrogates (a str from surrogateescape) and the JS-only line terminators U+2028/U+2029.
+# Surrogate code points: a Python str may hold them (surrogateescape), and two of them are one JS character.
+SURROGATES = re.compile("[\ud800-\udfff]")
+# In rule text, also the line terminators U+2028/U+2029, which end a `//` comment in JS.
 UNSAFE_CHARS = re.compile("[\ud800-\udfff\u2028\u2029]")
 
 
@@ -223,7 +166,7 @@ def _string(code: str, at: int) -> tuple[str, int]:
 
 def _clean(text: str) -> bool:
     """True if JS sees the same string: no surrogate code points (two of them would be one JS character)."""
-    return text.isascii() or not UNSAFE_CHARS.search(text)
+    return text.isascii() or not SURROGATES.search(text)
 
 
 def _string_field(name: str) -> JsFunction:
