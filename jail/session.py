@@ -10,13 +10,12 @@ import secrets
 import shutil
 import signal
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jail.audit import AuditSink
 from jail.model import ProxyEndpoint, Request
-from jail.platform import Listeners, listening_socket, select_backend
+from jail.platform import Listeners, listening_socket, make_workdir, remove_orphan_dirs, select_backend
 from jail.platform.confine import FsPolicy, confine_command
 from jail.platform.process import Child, ChildError
 from jail.policies import Judge, RuleSpec, build_engine
@@ -117,7 +116,8 @@ class Session:
             self.jail_id, self.config.request_log, self.config.audit_log, self.config.log_header_values
         )
         self.stack.callback(self.audit.close)
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"jail-{self.jail_id}-"))
+        remove_orphan_dirs()
+        self.workdir = make_workdir(self.jail_id)
         self.stack.callback(shutil.rmtree, self.workdir, True)
         self.ca = CertificateAuthority.ensure(self.config.ca_dir)
 

@@ -300,3 +300,83 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+# Isolated modes (strong, rootless): origins reached by name on ports 80/443, and a watcher of bypasses.
+
+TEST_NAME = "jail-upstream.test"
+DENIED_NAME = "jail-denied.test"
+HOSTS_FILE = Path("/etc/hosts")
+# The child runs /usr/bin/python3: world-readable, unlike a pyenv interpreter under /root.
+PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+
+
+@pytest.fixture(scope="module")
+def named_upstreams(test_ca):
+    """Origins on 127.0.0.2:80 and :443, reached by names the host maps in /etc/hosts."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    test_ca.issue_cert(TEST_NAME, DENIED_NAME, UPSTREAM_HOST).configure_cert(context)
+    original = HOSTS_FILE.read_text()
+    HOSTS_FILE.write_text(original + f"\n{UPSTREAM_HOST} {TEST_NAME} {DENIED_NAME}\n")
+    http = start_upstream("http", None, port=80)
+    https = start_upstream("https", context, port=443)
+    try:
+        yield http, https
+    finally:
+        HOSTS_FILE.write_text(original)
+        http.stop()
+        https.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset_named(request):
+    if "named_upstreams" in request.fixturenames:
+        for upstream in request.getfixturevalue("named_upstreams"):
+            upstream.reset()
+
+
+class Listener:
+    """TCP and UDP on every host address: a bypass that reaches the host shows up here."""
+
+    def __init__(self) -> None:
+        self.tcp = socket.create_server(("0.0.0.0", 0))
+        self.port = self.tcp.getsockname()[1]
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("0.0.0.0", self.port))
+        self.udp.settimeout(0.2)
+        self.tcp.settimeout(0.2)
+        self.seen: list[str] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while self.running:
+            for sock, kind in ((self.tcp, "tcp"), (self.udp, "udp")):
+                try:
+                    if kind == "tcp":
+                        conn, addr = sock.accept()
+                        conn.close()
+                    else:
+                        _, addr = sock.recvfrom(100)
+                    self.seen.append(f"{kind} from {addr[0]}")
+                except (TimeoutError, OSError):
+                    pass
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join()
+        self.tcp.close()
+        self.udp.close()
+
+
+@pytest.fixture
+def listener():
+    watcher = Listener()
+    yield watcher
+    watcher.close()
+
+
+def host_addresses() -> list[str]:
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    return [line.split()[3].split("/")[0] for line in out.splitlines() if " lo " not in line and "vh_" not in line]

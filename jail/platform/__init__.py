@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import psutil
+
 from jail.model import JailError, ProxyEndpoint
 
 LISTEN_BACKLOG = 1024
+JAIL_ID = re.compile(r"[0-9a-f]{8}")
+# In a run's work dir: "PID START_TIME" of the jail process that made it.
+OWNER_FILE = "jail.pid"
+UNMARKED_GRACE_SECONDS = 60.0
 
 
 @dataclass
@@ -113,7 +122,7 @@ def select_backend(
 
 def cleanup_orphans() -> list[str]:
     """Remove what jails that were killed left behind (namespaces, links, nft tables, containers,
-    networks); returns their ids."""
+    networks, work dirs); returns their ids."""
     from jail.platform.docker import cleanup_orphans as remove_docker_orphans
     from jail.platform.netns import cleanup_orphans as remove_netns_orphans
     from jail.platform.netns import strong_mode_unavailable
@@ -121,7 +130,49 @@ def cleanup_orphans() -> list[str]:
     removed = remove_netns_orphans() if strong_mode_unavailable() is None else []
     removed += [jail_id for jail_id in remove_docker_orphans() if jail_id not in removed]
     for jail_id in removed:
-        # The killed jail's work and temp dirs (names start with its id).
-        for leftover in Path(tempfile.gettempdir()).glob(f"jail-{jail_id}-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        remove_dirs_of(jail_id)
+    removed += [jail_id for jail_id in remove_orphan_dirs() if jail_id not in removed]
     return removed
+
+
+def make_workdir(jail_id: str) -> Path:
+    """The run's private work dir: named from the jail id (as every temp dir of the run is) and marked
+    with jail's pid and start time, so a later run can tell a killed jail's leftovers from a live one's."""
+    path = Path(tempfile.mkdtemp(prefix=f"jail-{jail_id}-"))
+    process = psutil.Process()
+    (path / OWNER_FILE).write_text(f"{process.pid} {process.create_time()}")
+    return path
+
+
+def remove_dirs_of(jail_id: str) -> None:
+    for leftover in Path(tempfile.gettempdir()).glob(f"jail-{jail_id}-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def remove_orphan_dirs() -> list[str]:
+    """Remove the temp dirs (this user's) of jails that are no longer running; returns their ids."""
+    by_id: dict[str, list[Path]] = {}
+    for path in Path(tempfile.gettempdir()).glob("jail-*-*"):
+        jail_id = path.name.split("-")[1]
+        with contextlib.suppress(OSError):
+            if JAIL_ID.fullmatch(jail_id) and path.lstat().st_uid == os.geteuid() and path.is_dir():
+                by_id.setdefault(jail_id, []).append(path)
+    removed = []
+    for jail_id, paths in by_id.items():
+        owners = [path / OWNER_FILE for path in paths if (path / OWNER_FILE).exists()]
+        if owners:
+            dead = not any(_owner_alive(owner) for owner in owners)
+        else:  # no mark (yet): a jail starting this moment, or one that died while starting
+            dead = all(time.time() - path.stat().st_mtime > UNMARKED_GRACE_SECONDS for path in paths)
+        if dead:
+            remove_dirs_of(jail_id)
+            removed.append(jail_id)
+    return removed
+
+
+def _owner_alive(owner: Path) -> bool:
+    try:
+        pid, started = owner.read_text().split()
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.01
+    except (OSError, ValueError, psutil.Error):
+        return False

@@ -141,6 +141,8 @@ class RootlessBackend:
             "--mount",
             # No setgroups: the namespace forbids it (an unprivileged user namespace must).
             "--preserve-credentials",
+            # Entering a mount namespace moves to its root: come back to where jail was started.
+            f"--wd={os.getcwd()}",
             "--",
             # A second user namespace in which the command is the caller's uid: it keeps the caller's
             # files, and has no capability over the first namespace's network or firewall.
