@@ -17,6 +17,12 @@ STRONG_GUARANTEES = (
     " ignore proxy variables are judged too) and DNS to jail's resolver (no query leaves the machine) get out;"
     " other ports, UDP, ICMP and IPv6 are rejected; the command runs without capabilities"
 )
+ROOTLESS_GUARANTEES = (
+    "own user and network namespace with loopback only; jail's proxy and resolver are the only way out"
+    " (ports 80/443 to anywhere are redirected to the proxy, so programs that ignore proxy variables are"
+    " judged too; DNS to any server gets jail's answer); everything else is refused; the command runs as you,"
+    " without capabilities over its network"
+)
 WEAK_LIMITS = (
     "only programs that honour the proxy variables (HTTP_PROXY, HTTPS_PROXY, ...) are judged;"
     " others (raw sockets, UDP, DNS, Node's fetch) go out unjudged"
@@ -46,7 +52,7 @@ def explain(config: JailConfig) -> str:
         lines.append(f"private ranges the proxy may reach (--allow-private): {', '.join(private)}")
     lines.append(
         "address guard: loopback, link-local/metadata, multicast, broadcast and jail's own addresses are refused"
-        + ("; private ranges too" if _mode(config).startswith("strong") else "")
+        + ("; private ranges too" if not _mode(config).startswith("weak") else "")
     )
     for secret in config.secrets:
         # Names and hosts only: the value never appears here.
@@ -152,17 +158,21 @@ def _timeout(spec: RuleSpec) -> str:
 
 
 def _mode(config: JailConfig) -> str:
-    if config.weak:
-        return f"weak, because of --weak: {WEAK_LIMITS}"
-    from jail.platform.netns import strong_mode_unavailable
+    from jail.model import JailError
+    from jail.platform import choose_mode
 
-    reason = strong_mode_unavailable()
-    if reason is None:
-        user = f"; as user {config.user}" if config.user else ""
-        return f"strong: {STRONG_GUARANTEES}{user}"
-    if config.user is not None:
-        return f"weak ({reason}), so a real run would fail: --user needs the strong mode"
-    return f"weak ({reason}): {WEAK_LIMITS}"
+    try:
+        mode, reason = choose_mode(config.weak, config.user, config.docker_run, config.allow_weak)
+    except JailError as exc:
+        return f"none, so a real run would fail: {exc}"
+    if mode == "weak":
+        return f"weak, because of --weak: {WEAK_LIMITS}" if config.weak else f"weak ({reason}): {WEAK_LIMITS}"
+    user = f"; as user {config.user}" if config.user else ""
+    return {
+        "strong": f"strong: {STRONG_GUARANTEES}{user}",
+        "rootless": f"rootless: {ROOTLESS_GUARANTEES}",
+        "docker": "docker: the container's network is an internal bridge whose only way out is jail",
+    }[mode]
 
 
 def _logs(config: JailConfig) -> list[str]:

@@ -149,3 +149,16 @@ def test_a_broken_policy_file_is_one_line_on_stderr(tmp_path: Path, text: str, m
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"jail: error: {policy}:") and message in lines[0]
+
+
+def test_mode_names_the_rootless_jail_for_a_user_without_root(monkeypatch) -> None:
+    from jail.explain import _mode
+    from jail.platform import rootless
+    from jail.session import JailConfig
+
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.setattr(rootless, "rootless_unavailable", lambda: None)
+    assert _mode(JailConfig()).startswith("rootless: own user and network namespace")
+    monkeypatch.setattr(rootless, "rootless_unavailable", lambda: "unprivileged user namespaces are disabled")
+    assert _mode(JailConfig()).startswith("none, so a real run would fail: cannot isolate the command")
+    assert _mode(JailConfig(allow_weak=True)).startswith("weak (unprivileged user namespaces are disabled)")

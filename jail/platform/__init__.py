@@ -84,31 +84,31 @@ class Backend(Protocol):
     async def teardown(self) -> None: ...
 
 
-def select_backend(
-    jail_id: str, weak: bool, user: str | None = None, docker_run: bool = False, allow_weak: bool = False
-) -> Backend:
-    """The strongest backend available: a network namespace as root, a user namespace otherwise; weak mode
-    only when asked for (`--weak`) or allowed (`--allow-weak`, said once on stderr)."""
-    from jail.platform.netns import NetnsBackend, strong_mode_unavailable
-    from jail.platform.rootless import RootlessBackend, rootless_unavailable
-    from jail.platform.weak import WeakBackend
+def choose_mode(
+    weak: bool, user: str | None = None, docker_run: bool = False, allow_weak: bool = False
+) -> tuple[str, str]:
+    """The backend a run gets ("docker", "strong", "rootless" or "weak") and, for weak mode, why;
+    raises JailError when the command cannot be isolated and weak mode was not allowed.
+
+    The strongest available wins: a network namespace as root, a user namespace otherwise; weak mode
+    only when asked for (`--weak`) or allowed (`--allow-weak`)."""
+    from jail.platform.netns import strong_mode_unavailable
+    from jail.platform.rootless import rootless_unavailable
 
     if docker_run:
-        from jail.platform.docker import DockerBackend
-
-        return DockerBackend(jail_id)
+        return "docker", ""
     if weak:
-        return WeakBackend(jail_id)
+        return "weak", "--weak"
     if os.geteuid() == 0:
         reason = strong_mode_unavailable()
         if reason is None:
-            return NetnsBackend(jail_id, user)
+            return "strong", ""
+    elif user is not None:
+        raise JailError("--user needs root (the strong mode runs the command as another user)")
     else:
         reason = rootless_unavailable()
-        if user is not None:
-            raise JailError("--user needs root (the strong mode runs the command as another user)")
         if reason is None:
-            return RootlessBackend(jail_id)
+            return "rootless", ""
     if user is not None:
         raise JailError(f"--user needs the strong mode, which is unavailable: {reason}")
     if not allow_weak:
@@ -116,7 +116,30 @@ def select_backend(
             f"cannot isolate the command: {reason}; pass --allow-weak (or --weak) to run it with proxy"
             " variables only, which programs may ignore"
         )
-    print(f"jail: weak mode ({reason}): only programs that honour proxy variables are judged", file=sys.stderr)
+    return "weak", reason
+
+
+def select_backend(
+    jail_id: str, weak: bool, user: str | None = None, docker_run: bool = False, allow_weak: bool = False
+) -> Backend:
+    """The backend `choose_mode` picks; an unasked-for weak mode is said once on stderr."""
+    mode, reason = choose_mode(weak, user, docker_run, allow_weak)
+    if mode == "docker":
+        from jail.platform.docker import DockerBackend
+
+        return DockerBackend(jail_id)
+    if mode == "strong":
+        from jail.platform.netns import NetnsBackend
+
+        return NetnsBackend(jail_id, user)
+    if mode == "rootless":
+        from jail.platform.rootless import RootlessBackend
+
+        return RootlessBackend(jail_id)
+    from jail.platform.weak import WeakBackend
+
+    if not weak:
+        print(f"jail: weak mode ({reason}): only programs that honour proxy variables are judged", file=sys.stderr)
     return WeakBackend(jail_id)
 
 
