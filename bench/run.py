@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import pwd
 import random
 import re
 import shutil
@@ -630,12 +631,33 @@ class Benchmark:
             self.notes.append(f"default mode not measured: `jail --js true -- true` failed: {failure.strip()[:160]}")
         else:
             self.startup_commands[default_name] = default
+        if self.args.rootless_user:
+            self.add_rootless_startup(self.args.rootless_user, true)
         srt = shutil.which("srt")
         if srt:
             self.startup_commands["srt true"] = [srt, true]
         else:
             self.notes.append("srt (@anthropic-ai/sandbox-runtime) is not on PATH: `srt true` not measured")
         self.startup = {name: [] for name in self.startup_commands}
+
+    def add_rootless_startup(self, user: str, true: str) -> None:
+        """The rootless jail, as `user` through runuser (beside `runuser ... true`, its own cost)."""
+        runuser = shutil.which("runuser")
+        if os.geteuid() != 0 or runuser is None:
+            self.notes.append("rootless mode not measured: --rootless-user needs root and runuser")
+            return
+        home = Path(pwd.getpwnam(user).pw_dir)
+        environment = ["env", f"HOME={home}", f"JAIL_CA_DIR={home}/.cache/jail-bench-ca", "PATH=/usr/bin:/bin"]
+        as_user = [runuser, "-u", user, "--", *environment]
+        rootless = [*as_user, *self.jail, "--js", "true", "--", true]
+        _, failure = time_command(rootless, self.env)  # also makes the user's CA
+        if failure:
+            self.notes.append(
+                f"rootless mode not measured (can {user} execute {self.jail[0]}?): {failure.strip()[:160]}"
+            )
+            return
+        self.startup_commands[f"runuser -u {user} -- true"] = [*as_user, true]
+        self.startup_commands[f"runuser -u {user} -- jail --js true -- true (rootless)"] = rootless
 
     def url(self, scheme: str) -> str:
         return f"{scheme}://{UPSTREAM_HOST}:{self.upstream_ports[scheme]}/"
@@ -1050,6 +1072,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--only", nargs="+", choices=PARTS, default=list(PARTS), help="measure only these parts (default: all)"
     )
     parser.add_argument("--budget", type=float, help="start no measurement after this many s (default 420, quick 120)")
+    parser.add_argument(
+        "--rootless-user", metavar="NAME", help="also time the rootless jail's start-up as this user (run as root)"
+    )
     parser.add_argument("--chart", type=Path, metavar="PNG", help="also draw a bar chart (needs matplotlib)")
     args = parser.parse_args(argv)
     defaults = {
