@@ -31,8 +31,7 @@ from jail.platform.docker import (
     parse_run_args,
     remove_jail,
 )
-from tests.conftest import jail_argv, wait_for
-from tests.test_strong import DENIED_NAME, TEST_NAME, Listener, named_upstreams  # noqa: F401
+from tests.conftest import DENIED_NAME, TEST_NAME, Listener, jail_argv, wait_for
 
 IMAGE = "jail-test:latest"
 CURL = ["curl", "-sS", "--connect-timeout", "3", "-m", "10", "-o", "/dev/null", "-w", "'%{http_code}\\n'"]
@@ -283,7 +282,7 @@ def test_allowed_requests_pass_and_denied_get_403(docker_jail, http_upstream, ht
     assert len(requests) == 4 and {r["requester_ip"] for r in requests} == {address}
 
 
-def test_client_ignoring_proxy_variables_is_still_judged(docker_jail, named_upstreams, tmp_path):  # noqa: F811
+def test_client_ignoring_proxy_variables_is_still_judged(docker_jail, named_upstreams, tmp_path):
     http, https = named_upstreams
     for upstream in named_upstreams:
         upstream.reset()

@@ -32,7 +32,7 @@ import jail
 from jail.model import JailError
 from jail.platform import rootless, select_backend
 from jail.platform.rootless import SINKHOLE, rootless_unavailable
-from tests.conftest import DENIED_NAME, PYTHON, TEST_NAME, UPSTREAM_HOST, Listener, host_addresses, wait_for
+from tests.conftest import DENIED_NAME, PYTHON, TEST_NAME, UPSTREAM_HOST, host_addresses, wait_for
 
 USER = "jail-rootless-test"
 unavailable = rootless_unavailable()
@@ -142,13 +142,6 @@ def user(test_ca_file: Path) -> Iterator[RootlessUser]:
         shutil.rmtree(base, ignore_errors=True)
         if created:
             subprocess.run(["userdel", "--remove", USER], capture_output=True)
-
-
-@pytest.fixture
-def listener():
-    watcher = Listener()
-    yield watcher
-    watcher.close()
 
 
 def test_runs_rootless_as_the_callers_uid_and_files_stay_theirs(user):
