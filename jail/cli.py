@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -300,7 +301,21 @@ def main(
         raise click.UsageError("--listen only goes with --server")
     elif not command:
         raise click.UsageError("no command given: jail [OPTIONS] -- COMMAND [ARGS...]")
-    sys.exit(asyncio.run(Session(config).run()))
+    leave(asyncio.run(Session(config).run()))
+
+
+def leave(status: int) -> NoReturn:
+    """Exit with `status`. When the command ended before the proxy stack finished loading, its import is
+    still running in a daemon thread, and finalizing the interpreter under it can abort (a native
+    module half initialised): jail then exits without finalizing; every resource is released by now."""
+    from jail.proxy import import_in_flight
+
+    if import_in_flight():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 # `jail log ...` and `jail policy ...` are tools; anything else is `jail [OPTIONS] -- COMMAND`.

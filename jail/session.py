@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -15,7 +14,14 @@ from pathlib import Path
 
 from jail.audit import AuditSink
 from jail.model import ProxyEndpoint, Request
-from jail.platform import Listeners, listening_socket, make_workdir, remove_orphan_dirs, select_backend
+from jail.platform import (
+    Listeners,
+    listening_socket,
+    make_workdir,
+    remove_dirs_of,
+    remove_orphan_dirs,
+    select_backend,
+)
 from jail.platform.confine import FsPolicy, confine_command
 from jail.platform.process import Child, ChildError
 from jail.policies import Judge, RuleSpec, build_engine
@@ -118,7 +124,8 @@ class Session:
         self.stack.callback(self.audit.close)
         remove_orphan_dirs()
         self.workdir = make_workdir(self.jail_id)
-        self.stack.callback(shutil.rmtree, self.workdir, True)
+        # This one and every other temp dir of the run (the backend's, the command's private temp dir).
+        self.stack.callback(remove_dirs_of, self.jail_id)
         self.ca = CertificateAuthority.ensure(self.config.ca_dir)
 
     async def _serve(self, listeners: Listeners, isolated: bool) -> None:

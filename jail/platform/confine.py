@@ -259,14 +259,12 @@ def _setpriv_owner(argv: list[str]) -> tuple[int, int] | None:
 
 
 def _with_private_tmp(policy: FsPolicy, owner: tuple[int, int] | None, jail_id: str) -> FsPolicy:
-    import atexit
-    import shutil
     import tempfile
     from dataclasses import replace
 
-    # Named from the jail id, so `cleanup_orphans` finds it when jail was killed before its atexit ran.
+    # Named from the jail id: the session removes every dir so named when it ends, and a later run
+    # removes them when jail was killed.
     tmp = tempfile.mkdtemp(prefix=f"jail-{jail_id}-tmp-")
-    atexit.register(shutil.rmtree, tmp, True)
     if owner is not None:
         os.chown(tmp, owner[0], owner[1])
     return replace(policy, tmp_dir=tmp)

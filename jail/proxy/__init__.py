@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from jail.proxy.ca import CertificateAuthority
 
+IMPORT_THREAD_PREFIX = "jail: import "
+
 if TYPE_CHECKING:
     from types import ModuleType
 
@@ -72,5 +74,10 @@ def import_in_background(name: str) -> asyncio.Future[ModuleType]:
         else:
             loop.call_soon_threadsafe(settle, module, None)
 
-    threading.Thread(target=run, name=f"import {name}", daemon=True).start()
+    threading.Thread(target=run, name=f"{IMPORT_THREAD_PREFIX}{name}", daemon=True).start()
     return done
+
+
+def import_in_flight() -> bool:
+    """Whether a background import is still running (the interpreter must then not be finalized under it)."""
+    return any(thread.name.startswith(IMPORT_THREAD_PREFIX) for thread in threading.enumerate())
