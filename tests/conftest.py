@@ -380,3 +380,15 @@ def listener():
 def host_addresses() -> list[str]:
     out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
     return [line.split()[3].split("/")[0] for line in out.splitlines() if " lo " not in line and "vh_" not in line]
+
+
+async def decide_all(engine, requests) -> list:
+    """Start the engine, judge each request in turn through a Judge, close the engine."""
+    from jail.policies import Judge
+
+    await engine.start()
+    try:
+        judge = Judge(engine)
+        return [await judge.decide(request) for request in requests]
+    finally:
+        await engine.close()

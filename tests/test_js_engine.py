@@ -15,6 +15,7 @@ import pytest
 from jail.model import Decision, JailError, Request
 from jail.policies import Judge, RuleSpec, build_engine
 from jail.policies.js import RELOAD_POLL_SECONDS
+from tests.conftest import decide_all
 
 GET = Request.from_url("https://api.example.com/v1/items?x=1")
 POST = Request.from_url("https://api.example.com/v1/items", "POST")
@@ -31,13 +32,7 @@ FULL = Request.build(
 
 
 async def judge_all(spec: RuleSpec, *requests: Request) -> list[Decision]:
-    engine = build_engine(spec)
-    await engine.start()
-    try:
-        judge = Judge(engine)
-        return [await judge.decide(request) for request in requests]
-    finally:
-        await engine.close()
+    return await decide_all(build_engine(spec), requests)
 
 
 def judge_js(code: str, *requests: Request, timeout: float | None = None) -> list[Decision]:

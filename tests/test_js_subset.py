@@ -15,6 +15,7 @@ from jail.model import Decision, Request
 from jail.policies import Judge, RuleSpec, build_engine, js_subset
 from jail.policies.js import CALL_TEMPLATE, PRELUDE, RELOAD_POLL_SECONDS, JsEngine
 from jail.policies.js_subset import UNDEFINED, Fallback, compile_rule
+from tests.conftest import decide_all
 
 # --- the parser ---------------------------------------------------------------------------
 
@@ -408,12 +409,7 @@ def run(coro):
 
 
 async def decisions(engine: JsEngine, requests: list[Request]) -> list[Decision]:
-    await engine.start()
-    try:
-        judge = Judge(engine)
-        return [await judge.decide(request) for request in requests]
-    finally:
-        await engine.close()
+    return await decide_all(engine, requests)
 
 
 def essence(decision: Decision) -> tuple:

@@ -12,7 +12,7 @@ import psutil
 from jail.model import Decision, Request
 from jail.policies import Judge, RuleSpec, build_engine
 from jail.policies.shell import MAX_OUTPUT_BYTES
-from tests.conftest import wait_for
+from tests.conftest import decide_all, wait_for
 
 GET = Request.from_url("https://api.example.com/v1/items?x=1")
 POST = Request.from_url("https://api.example.com/v1/items", "POST")
@@ -21,13 +21,9 @@ FIELDS = ("URL", "METHOD", "SCHEME", "HOST", "PORT", "PATH", "QUERY", "REQUESTER
 
 
 async def judge_all(script: str, *requests: Request, timeout: float | None = None) -> list[Decision]:
-    engine = build_engine(RuleSpec("sh", script, timeout))
-    await engine.start()
     try:
-        judge = Judge(engine)
-        return [await judge.decide(request) for request in requests]
+        return await decide_all(build_engine(RuleSpec("sh", script, timeout)), requests)
     finally:
-        await engine.close()
         # Let the loop see the pipes of a killed script close before asyncio.run() ends.
         await asyncio.sleep(0.05)
 
