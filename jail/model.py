@@ -44,10 +44,13 @@ def normalize_host(host: str) -> str:
     if IPV4_ANY_NOTATION.fullmatch(host):
         with contextlib.suppress(OSError):
             return socket.inet_ntoa(socket.inet_aton(host))
-    try:
-        return str(canonical_ip(ipaddress.ip_address(host)))
-    except ValueError:
-        pass
+    # Any IPv4 literal was taken above, so only an IPv6 one (it has a colon) is left to try; a name
+    # skips the parse and its exception, which cost more than the rest of this function.
+    if ":" in host:
+        try:
+            return str(canonical_ip(ipaddress.ip_address(host)))
+        except ValueError:
+            pass
     if host.isascii():
         return host
     try:
@@ -71,6 +74,8 @@ def canonical_path(path: str) -> str:
     encoded slash `%2F` is data to APIs such as GitLab's)."""
     if not path.startswith("/"):
         return path or "/"
+    if "%" not in path and "/." not in path:
+        return path  # nothing to decode and no dot segment: already canonical (the usual case)
     output: list[str] = []
     segments = PERCENT_ESCAPE.sub(_decode_unreserved, path).split("/")[1:]
     for index, segment in enumerate(segments):
