@@ -297,3 +297,31 @@ def test_stamping_a_decision_keeps_every_other_field():
     assert all(getattr(decision, f.name) != f.default for f in fields(Decision) if f.default is not MISSING)
     assert len(fields(Decision)) == 8
     assert decision.stamped("proc", 42) == replace(decision, engine="proc", rule_us=42)
+
+
+def test_remembered_verdicts_stay_per_guard_and_bounded(monkeypatch):
+    from jail.proxy import guard as guard_module
+
+    open_guard = AddressGuard(isolated=False, allowed=networks("127.0.0.2/32"))
+    closed_guard = AddressGuard(isolated=True)
+
+    async def choices() -> list:
+        return [
+            await open_guard.choose("127.0.0.2", 80),
+            await closed_guard.choose("127.0.0.2", 80),
+            await open_guard.choose("127.0.0.2", 80),
+            await open_guard.choose("::ffff:10.1.2.3", 80),
+            await closed_guard.choose("::ffff:10.1.2.3", 80),
+        ]
+
+    first, closed, again, private_open, private_closed = asyncio.run(choices())
+    assert first == again == ("127.0.0.2", None)
+    assert closed[0] is None and closed[1].reason_code == "loopback_address"
+    assert private_open == ("10.1.2.3", None)
+    assert private_closed[0] is None and private_closed[1].reason_code == "private_address"
+    monkeypatch.setattr(guard_module, "MEMORY_ENTRIES", 3)
+    for last in range(10):
+        assert open_guard.check(f"93.184.216.{last}") is None
+    assert len(open_guard._verdicts) <= 3
+    open_guard.allowed = ()  # new settings, new verdicts
+    assert open_guard.check("127.0.0.2").reason_code == "loopback_address"

@@ -5,6 +5,9 @@ exactly an address that passed (no second lookup between check and dial, so DNS 
 cannot slip loopback in). Refused whatever the rule says: loopback, unspecified, link-local and
 cloud-metadata, multicast, broadcast, and jail's own ranges; in isolated modes also the private
 ranges, which a jailed program could not reach directly either.
+
+What a guard said about an address (and which address an IP literal is) is remembered until its
+settings change: checking every network costs more per request than the rest of the guard.
 """
 
 from __future__ import annotations
@@ -52,13 +55,34 @@ class Refusal:
     reason_code: str
 
 
+# Remembered verdicts and literals per guard; past this many, the memory starts over.
+MEMORY_ENTRIES = 4096
+
+
 @dataclass
 class AddressGuard:
     isolated: bool
     allowed: tuple[Network, ...] = ()
     own: tuple[Network, ...] = field(default=JAIL_INTERNAL)
+    _verdicts: dict[str, Refusal | None] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _literals: dict[str, str | None] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name in ("isolated", "allowed", "own") and "_verdicts" in self.__dict__:
+            self._verdicts.clear()
 
     def check(self, address: str) -> Refusal | None:
+        try:
+            return self._verdicts[address]
+        except KeyError:
+            pass
+        if len(self._verdicts) >= MEMORY_ENTRIES:
+            self._verdicts.clear()
+        verdict = self._verdicts[address] = self._check(address)
+        return verdict
+
+    def _check(self, address: str) -> Refusal | None:
         ip = canonical_ip(ipaddress.ip_address(address))
         if any(ip in network for network in self.own):
             return Refusal(str(ip), f"{ip} is one of jail's own addresses", "jail_address")
@@ -71,12 +95,25 @@ class AddressGuard:
                 return Refusal(str(ip), f"{ip} is a {name} address; {hint}", code)
         return None
 
+    def _literal(self, host: str) -> str | None:
+        """The canonical form of an IP literal; None for a name."""
+        try:
+            return self._literals[host]
+        except KeyError:
+            pass
+        try:
+            literal: str | None = str(canonical_ip(ipaddress.ip_address(host)))
+        except ValueError:
+            literal = None
+        if len(self._literals) >= MEMORY_ENTRIES:
+            self._literals.clear()
+        self._literals[host] = literal
+        return literal
+
     async def resolve(self, host: str, port: int) -> list[str]:
         """Every address of `host`, in the resolver's order; an IP literal is itself."""
-        try:
-            return [str(canonical_ip(ipaddress.ip_address(host)))]
-        except ValueError:
-            pass
+        if (literal := self._literal(host)) is not None:
+            return [literal]
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         seen: dict[str, None] = {}
         for _family, _type, _proto, _name, sockaddr in infos:
