@@ -206,3 +206,87 @@ def test_server_refuses_public_address_without_flag(run_jail, flag):
     result = run_jail("--server", flag, "0.0.0.0:18081", "--js", "true")
     assert result.returncode == 2
     assert "--listen-public" in result.stderr
+
+
+# --- the addon's per-request helpers, against mitmproxy's own accessors --------------------
+
+
+def _flow(fields: list[tuple[bytes, bytes]], http_version: str = "HTTP/1.1", authority: bytes = b""):
+    from mitmproxy import http
+    from mitmproxy.test import tflow
+
+    flow = tflow.tflow()
+    flow.request.http_version = http_version
+    flow.request.data.authority = authority
+    flow.request.headers = http.Headers(fields)
+    return flow
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [],
+        [(b"Host", b"a.example"), (b"Accept", b"*/*")],
+        [(b"X-A", b"1"), (b"x-a", b"2"), (b"Accept", b"*/*"), (b"X-A", b"3")],
+        [(b"\xc3\x84", b"1"), (b"\xc3\xa4", b"2"), (b"\xff", b"\xfe\xc3\xa9")],
+    ],
+)
+def test_folded_headers_are_what_mitmproxy_folds(fields):
+    from jail.proxy.addon import folded_headers
+
+    headers = _flow(fields).request.headers
+    assert folded_headers(headers) == {name: ", ".join(headers.get_all(name)) for name in headers}
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ([(b"Content-Length", b"3")], None),
+        ([(b"Transfer-Encoding", b"chunked")], None),
+        ([(b"content-length", b"3"), (b"Content-Length", b"3")], "Content-Length"),
+        ([(b"Content-Length", b"3"), (b"transfer-encoding", b"chunked")], "Content-Length"),
+        ([(b"X-A", b"a\rb"), (b"Content-Length", b"3"), (b"Content-Length", b"3")], "CR, LF or NUL"),
+        ([(b"Content-Length", b"3"), (b"Content-Length", b"3"), (b"X\x00", b"a")], "CR, LF or NUL"),
+    ],
+)
+def test_ambiguous_requests_are_named(fields, problem):
+    from jail.proxy.addon import ambiguity
+
+    found = ambiguity(_flow(fields))
+    assert found is None if problem is None else problem in found
+
+
+@pytest.mark.parametrize("http_version", ["HTTP/1.1", "HTTP/2.0"])
+@pytest.mark.parametrize("authority", [b"", b"name.example:8080"])
+@pytest.mark.parametrize("host_header", [True, False])
+def test_pinning_matches_mitmproxy_setters(http_version, authority, host_header):
+    from jail.model import Request
+    from jail.proxy.addon import Destinations, PolicyAddon
+
+    fields = [(b"Host", b"name.example:8080")] if host_header else []
+    expected = _flow([*fields, (b"X", b"y")], http_version, authority)
+    pinned = expected.copy()
+    request = Request.build("GET", "http", "name.example", 8080, "/a/../b", "q=1")
+    expected.request.host = "10.0.0.7"
+    expected.request.port = 8080
+    expected.request.host_header = request.authority
+    expected.request.path = "/b?q=1"
+    addon = PolicyAddon.__new__(PolicyAddon)
+    addon.destinations = Destinations()
+    addon._pin_destination(pinned, request, "10.0.0.7")
+    for attribute in ("host", "port", "authority", "path", "host_header"):
+        assert getattr(pinned.request, attribute) == getattr(expected.request, attribute), attribute
+    assert pinned.request.headers.fields == expected.request.headers.fields
+    assert addon.destinations.judged_name(pinned.client_conn.id, "10.0.0.7", 8080) == "name.example"
+
+
+@pytest.mark.parametrize(
+    "timestamp", [0.0, 1.0004995, 1.9994999, 1.9999995, 1.9999996, 1700000000.9999999, 1763935200.123456, 4102444800.5]
+)
+def test_log_times_are_datetimes_to_the_millisecond(timestamp):
+    from datetime import UTC, datetime
+
+    from jail.audit import rfc3339_ms
+
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    assert rfc3339_ms(timestamp) == moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

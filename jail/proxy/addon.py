@@ -8,6 +8,7 @@ which also covers tunnels whose content is neither HTTP nor TLS.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -53,19 +54,41 @@ def redirected_destination(flow: http.HTTPFlow) -> str:
     return host
 
 
-FORBIDDEN_HEADER_BYTES = (b"\r", b"\n", b"\x00")
+FORBIDDEN_HEADER_BYTES = re.compile(rb"[\r\n\x00]")
 
 
 def ambiguity(flow: http.HTTPFlow) -> str | None:
-    """Why the request could be read differently by the upstream, if it could (smuggling)."""
+    """Why the request could be read differently by the upstream, if it could (smuggling).
+    One pass over the raw header fields: it runs for every request."""
+    lengths = 0
+    transfer_encoding = False
     for name, value in flow.request.headers.fields:
-        if any(byte in name or byte in value for byte in FORBIDDEN_HEADER_BYTES):
+        if FORBIDDEN_HEADER_BYTES.search(name) or FORBIDDEN_HEADER_BYTES.search(value):
             return "a header holds CR, LF or NUL (obs-fold or bare CR): the request is ambiguous"
-    if len(flow.request.headers.get_all("content-length")) > 1 or (
-        "content-length" in flow.request.headers and "transfer-encoding" in flow.request.headers
-    ):
+        lowered = name.lower()
+        if lowered == b"content-length":
+            lengths += 1
+        elif lowered == b"transfer-encoding":
+            transfer_encoding = True
+    if lengths > 1 or (lengths and transfer_encoding):
         return "conflicting Content-Length / Transfer-Encoding headers: the request is ambiguous"
     return None
+
+
+def folded_headers(headers: http.Headers) -> dict[str, str]:
+    """`{name: ", ".join(headers.get_all(name)) for name in headers}` in one pass over the raw fields
+    (that comprehension scans every field once per name)."""
+    folded: dict[bytes, tuple[bytes, list[bytes]]] = {}
+    for name, value in headers.fields:
+        key = name.lower()  # mitmproxy's own case folding
+        if (seen := folded.get(key)) is None:
+            folded[key] = (name, [value])
+        else:
+            seen[1].append(value)
+    return {
+        name.decode("utf-8", "surrogateescape"): ", ".join(v.decode("utf-8", "surrogateescape") for v in values)
+        for name, values in folded.values()
+    }
 
 
 def request_from_flow(flow: http.HTTPFlow, host: str | None = None) -> Request:
@@ -80,7 +103,7 @@ def request_from_flow(flow: http.HTTPFlow, host: str | None = None) -> Request:
         port=req.port,
         path=path,
         query=query,
-        headers={name: ", ".join(req.headers.get_all(name)) for name in req.headers},
+        headers=folded_headers(req.headers),
         requester_ip=peer[0] if peer else "",
     )
 
@@ -216,13 +239,16 @@ class PolicyAddon:
             return Decision.denied(reason, code).stamped(decision.engine, decision.rule_us)
 
         limit = decision.max_tx_bytes
-        declared = flow.request.headers.get("content-length", "")
-        if limit is not None and declared.isdigit() and int(declared) > limit:
-            reason = f"upload of {declared} bytes exceeds the rule's max_tx_bytes of {limit}"
-            return refused(reason, "max_tx_bytes"), 413, ""
-        carried = self.vault.carried([*flow.request.headers.values(), request.query, request.path])
-        if leaks := self.vault.leaks(carried, request.host, request.scheme):
-            return refused(secret_leak_reason(leaks, request), "secret_leak"), 403, ""
+        if limit is not None:
+            declared = flow.request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                reason = f"upload of {declared} bytes exceeds the rule's max_tx_bytes of {limit}"
+                return refused(reason, "max_tx_bytes"), 413, ""
+        carried: list[Secret] = []
+        if self.vault:
+            carried = self.vault.carried([*flow.request.headers.values(), request.query, request.path])
+            if leaks := self.vault.leaks(carried, request.host, request.scheme):
+                return refused(secret_leak_reason(leaks, request), "secret_leak"), 403, ""
         address, guard_refusal = await self.guard.choose(request.host, request.port)
         if guard_refusal is not None:
             return refused(guard_refusal.reason, guard_refusal.reason_code), 403, guard_refusal.address
@@ -248,9 +274,14 @@ class PolicyAddon:
         """Forward exactly what was judged: to the address the guard checked (never looked up
         again), on the judged port, with a Host header naming the judged authority and the
         canonical path the rule saw."""
-        flow.request.host = address
-        flow.request.port = request.port
-        flow.request.host_header = request.authority
+        req = flow.request
+        # What the `host` and `port` setters do, once instead of twice: their Host header is
+        # overwritten by the host_header setter below, so only an absolute-form authority remains.
+        req.data.host = address
+        req.data.port = request.port
+        if req.data.authority:
+            req.authority = url.hostport(req.scheme, address, request.port)
+        req.host_header = request.authority
         flow.request.path = request.path + (f"?{request.query}" if request.query else "")
         self.destinations.permit(flow.client_conn.id, address, request.port, request.host)
 
