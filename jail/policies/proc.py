@@ -31,7 +31,9 @@ logger = logging.getLogger("jail.rule.proc")
 
 LINE_LIMIT_BYTES = 1024 * 1024
 RESTART_BACKOFF_SECONDS = 0.5
-READ_CHUNK_BYTES = 256 * 1024
+# Under glibc's mmap threshold (128 KiB): a bigger read buffer can cost an mmap and a munmap per
+# read (20 us, measured), depending on what the process allocated before.
+READ_CHUNK_BYTES = 64 * 1024
 
 # The answer almost every request gets; a Decision is immutable, so one serves them all.
 ALLOWED = answer.parse_text("true")
