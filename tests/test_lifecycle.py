@@ -128,3 +128,16 @@ def test_200_concurrent_requests_give_200_lines_in_each_log(run_jail, http_upstr
     assert len(records) == 200
     assert sorted(int(r["path"].rsplit("/", 1)[1]) for r in records) == list(range(200))
     assert {r["status"] for r in records if r["decision"] == "deny"} == {403}
+
+
+def test_proxy_sockets_accept_connections_with_nagle_off():
+    # Without TCP_NODELAY every small proxied response waited ~40 ms for the client's delayed ACK.
+    import socket
+
+    from jail.platform import listening_socket
+
+    with listening_socket("127.0.0.1") as server, socket.create_connection(server.getsockname()) as client:
+        accepted, _ = server.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert client.fileno() >= 0

@@ -61,6 +61,8 @@ def listening(kind: int, port: int = 0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, kind)
     sock.bind(("127.0.0.1", port))
     if kind == socket.SOCK_STREAM:
+        # Inherited by accepted connections: the proxy's small writes must not wait for Nagle.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.listen(LISTEN_BACKLOG)
     return sock
 
