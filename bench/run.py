@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,8 @@ class RssSampler:
         self.peak_bytes: dict[str, int] = {}
         self.samples = 0
         self._stop = threading.Event()
+        self._active = threading.Event()
+        self._active.set()
         self._thread: threading.Thread | None = None
 
     def watch(self, name: str, pid: int) -> None:
@@ -230,8 +233,18 @@ class RssSampler:
                     total += child.memory_info().rss
         return total
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No sampling meanwhile: its GIL time would be counted in in-process timings (rule cost)."""
+        self._active.clear()
+        try:
+            yield
+        finally:
+            self._active.set()
+
     def _run(self) -> None:
         while not self._stop.wait(RSS_SAMPLE_S):
+            self._active.wait()
             for name, process in self.watched.items():
                 self.peak_bytes[name] = max(self.peak_bytes[name], self._rss(process))
             self.samples += 1
@@ -242,6 +255,7 @@ class RssSampler:
 
     def stop(self) -> None:
         self._stop.set()
+        self._active.set()
         if self._thread is not None:
             self._thread.join()
 
@@ -692,7 +706,8 @@ class Benchmark:
 
     def measure(self) -> None:
         if "rules" in self.args.parts:
-            self.rule_cost = measure_rule_cost(self.workdir, self.args.rule_requests, self.args.shell_requests)
+            with self.rss.paused() if self.rss is not None else contextlib.nullcontext():
+                self.rule_cost = measure_rule_cost(self.workdir, self.args.rule_requests, self.args.shell_requests)
         rounds = self.args.rounds
         for round_index in range(rounds):
             if not self.within_budget():
