@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -216,11 +217,21 @@ def workspace(tmp_path: Path, jail_env: dict[str, str]):
     sock = tmp_path / "daemon.sock"
     server.bind(str(sock))
     server.listen(8)
-    threading.Thread(target=lambda: [server.accept() for _ in range(8)], daemon=True).start()
+    acceptor = threading.Thread(target=accept_until_closed, args=(server,), daemon=True)
+    acceptor.start()
     env = dict(jail_env, HOME=str(home), SOCK=str(sock))
     env.pop("SUDO_UID", None)
     yield proj, home, sock, env
+    # Wake accept() first: a thread left in it would take connections from the next socket given this number.
+    server.shutdown(socket.SHUT_RDWR)
+    acceptor.join()
     server.close()
+
+
+def accept_until_closed(server: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # the fixture shuts it down
+        while True:
+            server.accept()[0].close()
 
 
 def run_checks(run_jail, mode: list[str], workspace, *flags: str) -> dict[str, bool]:

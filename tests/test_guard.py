@@ -95,7 +95,8 @@ class Recorder:
         self.sock = socket.create_server((host, port))
         self.port = self.sock.getsockname()[1]
         self.accepted: list[tuple] = []
-        threading.Thread(target=self._run, daemon=True).start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         while True:
@@ -107,6 +108,10 @@ class Recorder:
             conn.close()
 
     def close(self) -> None:
+        # Wake the blocked accept() before closing: a thread left in accept() on a closed descriptor
+        # takes connections from whatever socket gets that number next (it stole the test origin's).
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join()
         self.sock.close()
 
 
@@ -145,7 +150,8 @@ def test_loopback_in_every_notation_is_refused_through_the_proxy(jail_server, lo
 def test_allowed_request_records_the_dialled_address(jail_server, http_upstream, tmp_path):
     audit = tmp_path / "audit.jsonl"
     server = jail_server("--js", "true", "--audit-log", str(audit))
-    assert httpx.get(http_upstream.url("/a"), proxy=server.proxy_url, timeout=10).status_code == 200
+    response = httpx.get(http_upstream.url("/a"), proxy=server.proxy_url, timeout=10)
+    assert response.status_code == 200, response.text
     (record,) = [json.loads(line) for line in audit.read_text().splitlines()]
     assert record["address"] == UPSTREAM_HOST and record["decision"] == "allow"
 
@@ -182,8 +188,8 @@ def test_path_is_judged_and_forwarded_in_canonical_form(jail_server, http_upstre
         status, body = raw_exchange(server.port, request)
         assert status == 403, path
         assert f"{base}/admin".encode() in body
-    status, _ = raw_exchange(server.port, f"GET {base}/x/../ok/a%2Fb?q=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    assert status == 200
+    status, body = raw_exchange(server.port, f"GET {base}/x/../ok/a%2Fb?q=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status == 200, body
     assert [r["path"] for r in http_upstream.requests] == ["/ok/a%2Fb?q=1"]
 
 
