@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import socket
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 from jail.proxy.ca import CertificateAuthority
 
 IMPORT_THREAD_PREFIX = "jail: import "
+IMPORT_SWITCH_INTERVAL_SECONDS = 0.0002
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -73,6 +75,14 @@ def import_in_background(name: str) -> asyncio.Future[ModuleType]:
             loop.call_soon_threadsafe(settle, None, exc)
         else:
             loop.call_soon_threadsafe(settle, module, None)
+        finally:
+            sys.setswitchinterval(switch_interval)
+
+    # The import holds the GIL for most of a second: the event loop (the child's exit, signals, the
+    # first connections) must get it back within a fraction of a millisecond, not the default 5 ms
+    # each time it wakes.
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(IMPORT_SWITCH_INTERVAL_SECONDS)
 
     threading.Thread(target=run, name=f"{IMPORT_THREAD_PREFIX}{name}", daemon=True).start()
     return done
