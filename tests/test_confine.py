@@ -21,6 +21,7 @@ from jail.platform.confine import (
     confine_argv,
     confine_command,
     git_protected_paths,
+    launcher_prefix,
     plan_around,
     plan_mounts,
     plan_rules,
@@ -121,9 +122,12 @@ def test_git_pointer_file_protects_the_real_git_dir(tmp_path: Path) -> None:
         assert str(directory / "config") in paths
 
 
-def test_policy_json_round_trip() -> None:
-    policy = FsPolicy(("/a",), True, ("/b",), ("/c",), ("/s",), True, "/tmp/x")
-    assert FsPolicy.from_json(policy.to_json()) == policy
+def test_policy_arguments_round_trip_even_for_odd_paths() -> None:
+    policy = FsPolicy(("/a", "--"), True, ("/b c",), ("/c\nd",), ("--tmp",), False, "/tmp/x")
+    assert FsPolicy.from_args([*policy.to_args(), "--", "cmd", "--write"]) == (policy, ["cmd", "--write"])
+    assert FsPolicy.from_args([*FsPolicy().to_args(), "--", "c"]) == (FsPolicy(), ["c"])
+    with pytest.raises(ValueError):
+        FsPolicy.from_args(["--bogus", "x", "--", "c"])
 
 
 def test_seccomp_program_jumps_stay_inside() -> None:
@@ -148,8 +152,9 @@ class FakeBackend:
 def test_confine_command_places_the_launcher() -> None:
     policy = FsPolicy(allow_write=("/w",))
     weak = confine_command(policy, FakeBackend("weak", []), ["cmd"])
-    assert weak[:3] == [sys.executable, "-I", "-S"] and weak[-2:] == ["--", "cmd"]
-    assert FsPolicy.from_json(weak[weak.index("--policy-json") + 1]).tmp_dir
+    assert weak[:4] == [sys.executable, "-I", "-S", "-c"] and weak[-2:] == ["--", "cmd"]
+    policy_in_argv, command = FsPolicy.from_args(weak[5:])
+    assert policy_in_argv.allow_write == ("/w",) and policy_in_argv.tmp_dir and command == ["cmd"]
     strong = confine_command(policy, FakeBackend("strong", ["ip", "netns", "exec", "n", "setpriv", "--reuid=0"]), ["c"])
     assert strong[:4] == ["ip", "netns", "exec", "n"] and strong[4] == sys.executable
     assert strong[strong.index("--") + 1 :] == ["setpriv", "--reuid=0", "c"]
@@ -162,13 +167,12 @@ def test_launcher_starts_fast_without_heavy_imports() -> None:
     argv = confine_argv(FsPolicy(enabled=False), [sys.executable, "-c", "import sys; print(sorted(sys.modules))"])
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     assert "mitmproxy" not in out
-    loaded = subprocess.run(
-        [sys.executable, "-I", "-S", "-X", "importtime", confine.__file__, "--policy-json", "{}", "--", "true"],
-        capture_output=True,
-        text=True,
-    ).stderr
-    imported = {line.rsplit("|", 1)[-1].strip() for line in loaded.splitlines() if line.startswith("import time:")}
-    assert not {"site", "mitmproxy", "jail.platform"} & imported
+    launcher = [*launcher_prefix(FsPolicy(enabled=False)), "true"]
+    loaded = subprocess.run([launcher[0], "-X", "importtime", *launcher[1:]], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in loaded.stderr.splitlines() if "import time:" in line}
+    assert "confine" in imported
+    assert not {"site", "mitmproxy", "jail.platform", "json", "dataclasses"} & imported
 
 
 # --- end to end ------------------------------------------------------------------------------------
