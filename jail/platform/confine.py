@@ -112,12 +112,30 @@ class ConfineError(_ErrorBase):
     """The restrictions cannot be applied; the message is one line for the user."""
 
 
-POLICY_FIELDS = ("allow_write", "read_only", "deny_read", "protect", "allow_unix_sockets", "enabled", "tmp_dir")
+POLICY_FIELDS = (
+    "allow_write",
+    "read_only",
+    "deny_read",
+    "protect",
+    "allow_unix_sockets",
+    "enabled",
+    "tmp_dir",
+    "home_files",
+    "caches",
+    "keep_caches",
+)
 # The launcher's arguments for the list fields, in POLICY_FIELDS order.
-LIST_FLAGS = {"--write": "allow_write", "--deny": "deny_read", "--protect": "protect", "--socket": "allow_unix_sockets"}
+LIST_FLAGS = {
+    "--write": "allow_write",
+    "--deny": "deny_read",
+    "--protect": "protect",
+    "--socket": "allow_unix_sockets",
+    "--home-file": "home_files",
+    "--cache": "caches",
+}
 
 
-class FsPolicy(namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), (), (), True, None))):
+class FsPolicy(namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), (), (), True, None, (), (), False))):
     """What the jailed command may read and write. Paths are absolute; `tmp_dir` is filled in per run.
 
     A named tuple rather than a dataclass: the launcher imports this module on every start.
@@ -131,6 +149,13 @@ class FsPolicy(namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), ()
     allow_unix_sockets: tuple[str, ...]
     enabled: bool
     tmp_dir: str | None
+    # Files whose folder stays closed (e.g. ~/.claude.json in HOME) that the command may still create or
+    # replace the way agents do (temp file + rename, a lock beside it): an agent profile's state files.
+    home_files: tuple[str, ...]
+    # Package-manager caches (~/.npm, ~/.cache/pip, ...) shown copy-on-write: reads see the user's cache,
+    # writes land in a layer private to the run (written through to the real cache with keep_caches).
+    caches: tuple[str, ...]
+    keep_caches: bool
 
     def to_args(self) -> list[str]:
         """The launcher's arguments for this policy (paths may hold any character but NUL)."""
@@ -139,6 +164,7 @@ class FsPolicy(namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), ()
             for path in getattr(self, name):
                 args += [flag, path]
         args += ["--read-only"] if self.read_only else []
+        args += ["--keep-caches"] if self.keep_caches else []
         args += [] if self.enabled else ["--disabled"]
         args += ["--tmp", self.tmp_dir] if self.tmp_dir else []
         return args
@@ -158,7 +184,7 @@ class FsPolicy(namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), ()
             elif flag == "--tmp" and index + 1 < len(args):
                 tmp_dir = args[index + 1]
                 index += 2
-            elif flag in ("--read-only", "--disabled"):
+            elif flag in ("--read-only", "--disabled", "--keep-caches"):
                 switches.add(flag)
                 index += 1
             else:
@@ -171,6 +197,9 @@ class FsPolicy(namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), ()
             allow_unix_sockets=tuple(lists["allow_unix_sockets"]),
             enabled="--disabled" not in switches,
             tmp_dir=tmp_dir,
+            home_files=tuple(lists["home_files"]),
+            caches=tuple(lists["caches"]),
+            keep_caches="--keep-caches" in switches,
         )
         return policy, args[index + 1 :]
 
