@@ -35,12 +35,17 @@ def split_test_option(argv: list[str]) -> list[str]:
         if token == "--test":
             values = argv[index + 1 : index + 3]
             if values and values[0].upper() in HTTP_METHODS and len(values) == 2:
-                out += ["--test-method", values[0], "--test-url", values[1]]
+                out += ["--test-method", values[0].upper(), "--test-url", values[1]]
                 index += 3
                 continue
             if not values or values[0].startswith("-"):
                 raise click.UsageError("--test needs a URL: --test [METHOD] URL")
-            out += ["--test-url", values[0]]
+            # httpjail's tests and users also write the method and the URL as one argument.
+            method, _, url = values[0].strip().partition(" ")
+            if url and method.upper() in HTTP_METHODS:
+                out += ["--test-method", method.upper(), "--test-url", url.strip()]
+            else:
+                out += ["--test-url", values[0]]
             index += 2
             continue
         out.append(token)

@@ -217,12 +217,22 @@ def test_several_unknown_keys_name_one_of_them():
     assert "'beta'" in decision.reason or "'zeta'" in decision.reason
 
 
-def test_allow_true_with_deny_message_is_a_contradiction():
-    assert_mistake(parse_text('{"allow": true, "deny_message": "x"}'), "allow: true", "deny_message")
+def test_allow_true_ignores_deny_message_as_httpjail_does():
+    # The natural rule `({allow: r.host === 'x', deny_message: 'only x'})` must work for both outcomes.
+    assert parse_text('{"allow": true, "deny_message": "x"}') == Decision.allowed()
+    assert_denied(parse_text('{"allow": false, "deny_message": "only x"}'), "only x")
 
 
-def test_allow_with_cap_and_deny_message_is_a_contradiction():
-    assert_mistake(parse_value({"allow": {"max_tx_bytes": 5}, "deny_message": "x"}), "deny_message")
+def test_allow_with_cap_ignores_deny_message():
+    assert parse_value({"allow": {"max_tx_bytes": 5}, "deny_message": "x"}) == Decision.allowed(max_tx_bytes=5)
+
+
+def test_allow_with_cap_and_deny_message_still_checks_the_cap():
+    assert_mistake(parse_value({"allow": {"max_tx_bytes": -1}, "deny_message": "x"}), "max_tx_bytes")
+
+
+def test_wrongly_typed_deny_message_is_a_mistake_even_when_allowed():
+    assert_mistake(parse_value({"allow": True, "deny_message": 3}), "deny_message must be a string")
 
 
 @pytest.mark.parametrize("value", ["yes", 1, 0, None, [True], "true"])
@@ -255,7 +265,6 @@ def test_value_that_is_not_an_object_denies(value):
         '{"allow": "true"}',
         '{"allow": 1}',
         '{"allow": {"max_tx_bytes": -5}}',
-        '{"allow": true, "deny_message": "x"}',
         '{"allow": true, "extra": 1}',
         '{"deny_message": 1}',
         "",

@@ -80,6 +80,27 @@ def test_test_lower_case_method(jail):
     assert_verdict(result, "ALLOW DELETE https://example.com/", 0)
 
 
+@pytest.mark.parametrize("method", ["POST", "post", "Delete"])
+def test_test_method_and_url_in_one_argument_as_httpjail_writes_it(jail, method):
+    rule = "r.method === 'POST' || r.method === 'DELETE'"
+    result = jail("--js", rule, "--test", f"{method} https://example.com/api")
+    assert_verdict(result, f"ALLOW {method.upper()} https://example.com/api", 0)
+    denied = jail("--js", "r.method === 'GET'", "--test", f"{method} https://example.com/api")
+    assert_verdict(denied, f"DENY {method.upper()} https://example.com/api (denied by rule)", 1)
+
+
+def test_test_one_argument_with_an_unknown_method_is_refused(jail):
+    result = jail("--js", "true", "--test", "FETCH https://example.com/")
+    assert result.returncode == 2
+    assert "not an http(s) URL" in result.stderr
+
+
+def test_allow_with_a_deny_message_answers_both_ways(jail):
+    rule = "({allow: r.host === 'a.test', deny_message: 'only a'})"
+    assert_verdict(jail("--js", rule, "--test", "https://a.test/"), "ALLOW GET https://a.test/", 0)
+    assert_verdict(jail("--js", rule, "--test", "https://b.test/"), "DENY GET https://b.test/ (only a)", 1)
+
+
 def test_test_before_the_rule_option(jail):
     result = jail("--test", "https://example.com/", "--js", "r.host === 'example.com'")
     assert_verdict(result, "ALLOW GET https://example.com/", 0)

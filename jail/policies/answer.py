@@ -6,7 +6,9 @@ Grammar (httpjail's, made fail-closed):
     {"deny_message": "..."}                 deny with that message
     {"allow": {"max_tx_bytes": N}}          allow, cap the upload at N bytes
     anything else                           deny, the text is the reason
-Unlike httpjail, `{}`, unknown keys and contradictions deny with a reason naming the mistake.
+As in httpjail, `deny_message` is the reason when the answer denies and is ignored when it allows, so
+`{allow: r.host === 'x', deny_message: 'only x'}` works for both outcomes. Unlike httpjail, `{}`,
+unknown keys and wrong types deny with a reason naming the mistake.
 """
 
 from __future__ import annotations
@@ -34,12 +36,8 @@ def _parse_object(answer: dict[str, Any]) -> Decision:
     if message is not None and not isinstance(message, str):
         return _mistake("deny_message must be a string")
     if isinstance(allow, bool):
-        if allow and message is not None:
-            return _mistake("allow: true together with deny_message")
         return Decision.allowed() if allow else Decision.denied(message or "denied by rule")
     if isinstance(allow, dict):
-        if message is not None:
-            return _mistake("allow: {...} together with deny_message")
         return _parse_allow_options(allow)
     return _mistake(f"allow must be true, false or {{max_tx_bytes: N}}, not {json.dumps(allow)}")
 
