@@ -57,8 +57,8 @@ def parse_listen(value: str, public: bool) -> tuple[str, int]:
     host, sep, port_text = value.rpartition(":")
     if not sep or not host:
         raise click.BadParameter(f"{value!r} is not HOST:PORT", param_hint="--listen")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise click.BadParameter(f"bad port {port_text!r} (1-65535)", param_hint="--listen")
+    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise click.BadParameter(f"bad port {port_text!r} (0-65535; 0 picks a free one)", param_hint="--listen")
     host = host.strip("[]")
     try:
         loopback = ipaddress.ip_address(host).is_loopback
@@ -206,6 +206,11 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--server", is_flag=True, help="Run only the proxy (127.0.0.1:8080 unless --listen).")
 @click.option("--listen", metavar="HOST:PORT", help="Address for --server.")
 @click.option("--listen-public", is_flag=True, help="Allow --listen on a non-loopback address.")
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --server: write HOST:PORT here once the proxy accepts connections.",
+)
 @click.option("-v", "--verbose", count=True, help="Diagnostics on stderr (-vv for more).")
 @click.version_option(__version__, prog_name="jail")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -244,6 +249,7 @@ def main(
     server: bool,
     listen: str | None,
     listen_public: bool,
+    ready_file: Path | None,
     verbose: int,
     command: tuple[str, ...],
 ) -> None:
@@ -302,8 +308,9 @@ def main(
         if secret_specs:
             raise click.UsageError("--secret needs a command to hand the placeholder to (not --server)")
         config.listen = parse_listen(listen or "127.0.0.1:8080", listen_public)
-    elif listen:
-        raise click.UsageError("--listen only goes with --server")
+        config.ready_file = ready_file
+    elif listen or ready_file:
+        raise click.UsageError(f"{'--listen' if listen else '--ready-file'} only goes with --server")
     elif not command:
         raise click.UsageError("no command given: jail [OPTIONS] -- COMMAND [ARGS...]")
     leave(asyncio.run(Session(config).run()))

@@ -237,6 +237,11 @@ class ProxyEndpoint:
     ca_bundle: Path
 
     @property
-    def url(self) -> str:
+    def address(self) -> str:
+        """HOST:PORT, the IPv6 host in brackets."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"

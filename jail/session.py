@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jail.audit import AuditSink
-from jail.model import ProxyEndpoint, Request
+from jail.model import JailError, ProxyEndpoint, Request
 from jail.platform import (
     Listeners,
     listening_socket,
@@ -54,6 +54,8 @@ class JailConfig:
     test_request: Request | None = None
     server: bool = False
     listen: tuple[str, int] = ("127.0.0.1", 8080)
+    # --server: where to write the bound address once the proxy accepts connections.
+    ready_file: Path | None = None
     audit_mode: bool = False
     fail_on_deny: bool = False
     user: str | None = None
@@ -161,8 +163,11 @@ class Session:
         listeners = Listeners(listening_socket(*self.config.listen))
         endpoint = self._endpoint(listeners)
         await self._serve(listeners, isolated=False)
-        logger.info("jail %s: proxy listening on %s", self.jail_id, endpoint.url)
         print(f"jail: proxy listening on {endpoint.url}; CA certificate: {endpoint.ca_cert}", flush=True)
+        # With --listen HOST:0 the port is only known now: said on stderr, and written for scripts.
+        print(f"jail: listening on {endpoint.address}", file=sys.stderr, flush=True)
+        if self.config.ready_file is not None:
+            write_ready_file(self.config.ready_file, endpoint.address)
         await self.signals.stopping.wait()
         return 0
 
@@ -218,6 +223,16 @@ class Session:
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+
+def write_ready_file(path: Path, address: str) -> None:
+    """Atomically, so a script polling for the file never reads half an address."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        partial.write_text(address + "\n")
+        partial.replace(path)
+    except OSError as exc:
+        raise JailError(f"--ready-file: cannot write {path}: {exc.strerror}") from None
 
 
 async def _cancelled(task: asyncio.Task[None]) -> None:
