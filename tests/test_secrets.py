@@ -119,3 +119,24 @@ def test_secret_without_a_value_is_one_clear_line(run_jail, jail_env):
     assert result.stderr.strip().splitlines() == [
         "jail: error: --secret API_TOKEN: set API_TOKEN in jail's environment or give --secret-file API_TOKEN=PATH"
     ]
+
+
+@pytest.mark.parametrize("protocol", ["--http1.1", "--http2"])
+@pytest.mark.parametrize("real", [REAL, "short-1", "x" * 200])
+def test_echoed_secret_is_masked_and_the_answer_arrives_whole(weak_jail, jail_env, https_upstream, protocol, real):
+    """The placeholder and the real value differ in length: the upstream's Content-Length must not be kept."""
+    script = (
+        'curl -sS --max-time 20 {p} -w "\\n%{{http_version}} %{{size_download}}" '
+        '"{url}/echo?key=$API_TOKEN" -D "$TMPDIR/headers"; echo " $?"; cat "$TMPDIR/headers"'
+    ).format(p=protocol, url=https_upstream.url(""))
+    result = weak_jail(
+        "--secret", "API_TOKEN=127.0.0.2", "--js", "true", "--", "sh", "-c", script, env={**jail_env, "API_TOKEN": real}
+    )
+    body, _, rest = result.stdout.partition("\n")
+    version, size, curl_status = rest.split("\n")[0].split()
+    assert curl_status == "0", result.stdout + result.stderr
+    assert version == ("2" if protocol == "--http2" else "1.1")
+    assert int(size) == len(body.encode())
+    echoed = json.loads(body)["path"]
+    assert f"key={real}" in https_upstream.requests[-1]["path"]
+    assert echoed.startswith("/echo?key=") and real not in echoed

@@ -119,6 +119,26 @@ def deny_response(request: Request | None, decision: Decision, status: int = 403
     )
 
 
+BODYLESS_STATUSES = frozenset({204, 304})
+
+
+def reframe_for_rewritten_body(flow: http.HTTPFlow) -> None:
+    """A body whose bytes are rewritten on the way (a masked secret) may change length, so the upstream's
+    Content-Length no longer holds: HTTP/2 frames the body itself, an HTTP/1.1 client gets it chunked."""
+    response = flow.response
+    assert response is not None
+    if (
+        "content-length" not in response.headers
+        or flow.request.method == "HEAD"
+        or response.status_code in BODYLESS_STATUSES
+        or response.status_code < 200
+    ):
+        return
+    del response.headers["content-length"]
+    if not flow.request.is_http2 and not flow.request.is_http3:
+        response.headers["transfer-encoding"] = "chunked"
+
+
 class ByteCounter:
     """A mitmproxy stream callable that counts bytes and, given a limit, cuts the rest; an optional
     transform (secret masking) runs first."""
@@ -322,6 +342,7 @@ class PolicyAddon:
                 values = headers.get_all(name)
                 if (masked := [masker.mask(v.encode()).decode() for v in values]) != values:
                     headers.set_all(name, masked)
+            reframe_for_rewritten_body(flow)
         if flow.response.stream is True or masker is not None:
             judged.download = ByteCounter(transform=masker)
             flow.response.stream = judged.download
