@@ -15,7 +15,7 @@ import click
 from jail import __version__
 from jail.model import JailError, Request
 from jail.policies import RuleSpec
-from jail.proxy.secrets import Secret, parse_secret_spec
+from jail.proxy.secrets import Secret, hide_from_children, parse_secret_spec
 from jail.session import JailConfig, Session, check_rule
 
 USAGE_EXIT_STATUS = 2
@@ -78,7 +78,9 @@ def parse_secrets(specs: tuple[str, ...], files: tuple[str, ...]) -> tuple[Secre
         if not sep or not name or not path:
             raise click.BadParameter(f"{item!r} is not NAME=PATH", param_hint="--secret-file")
         paths[name] = path
-    return tuple(parse_secret_spec(spec, dict(os.environ), paths) for spec in specs)
+    parsed = tuple(parse_secret_spec(spec, dict(os.environ), paths) for spec in specs)
+    hide_from_children(parsed)
+    return parsed
 
 
 def parse_cidr(value: str) -> str:

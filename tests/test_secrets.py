@@ -8,6 +8,9 @@ import textwrap
 
 import pytest
 
+from jail.platform.netns import strong_mode_unavailable
+from tests.conftest import PYTHON
+
 REAL = "sk-real-0123456789abcdefSECRET"
 
 CLIENT = textwrap.dedent(
@@ -140,3 +143,73 @@ def test_echoed_secret_is_masked_and_the_answer_arrives_whole(weak_jail, jail_en
     echoed = json.loads(body)["path"]
     assert f"key={real}" in https_upstream.requests[-1]["path"]
     assert echoed.startswith("/echo?key=") and real not in echoed
+
+
+# Reads every /proc file of jail's processes that could hold the real value: the parent (jail itself)
+# and anything else whose command line names jail (the namespace holder, rule programs).
+PROC_PROBE = textwrap.dedent(
+    """
+    import json, os, sys
+    real = sys.argv[1].encode()
+    targets = {os.getppid()}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                line = open(f"/proc/{entry}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if b"jail" in line and b"pytest" not in line:
+                targets.add(int(entry))
+    found, examined = [], 0
+    for pid in sorted(targets):
+        for name in ("environ", "cmdline"):
+            try:
+                examined += 1
+                if real in open(f"/proc/{pid}/{name}", "rb").read():
+                    found.append(f"{pid}/{name}")
+            except OSError:
+                pass
+        try:
+            regions = [line.split()[0] for line in open(f"/proc/{pid}/maps") if line.split()[1].startswith("r")]
+            memory = open(f"/proc/{pid}/mem", "rb", buffering=0)
+        except OSError:
+            continue
+        with memory:
+            for region in regions:
+                start, end = (int(x, 16) for x in region.split("-"))
+                try:
+                    memory.seek(start)
+                    if real in memory.read(end - start):
+                        found.append(f"{pid}/mem")
+                except (OSError, OverflowError, ValueError):
+                    pass
+    print(json.dumps({"targets": sorted(targets), "found": found, "examined": examined}))
+    """
+)
+
+
+def probe_for(real: str) -> list[str]:
+    # The value reaches the probe as its argument, split in two so the probe's own command line never
+    # holds it whole (it would find itself otherwise).
+    return ["sh", "-c", 'exec "$0" -c "$1" "$2$3"', PYTHON, PROC_PROBE, real[:4], real[4:]]
+
+
+@pytest.mark.parametrize("mode", ["--weak", "strong"])
+def test_real_value_is_not_readable_in_any_proc_file_of_jail(run_jail, jail_env, mode):
+    if mode == "strong" and (reason := strong_mode_unavailable()) is not None:
+        pytest.skip(f"strong mode unavailable: {reason}")
+    flags = ("--weak",) if mode == "--weak" else ()
+    result = run_jail(
+        *flags,
+        "--secret",
+        "API_TOKEN=api.example.com",
+        "--proc",
+        f"{sys.executable} -u -c 'import sys\\nfor l in sys.stdin: print(\"true\", flush=True)'",
+        "--",
+        *probe_for(REAL),
+        env={**jail_env, "API_TOKEN": REAL},
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["found"] == [], seen
+    assert seen["examined"] >= 4, seen  # jail itself and its rule program at least

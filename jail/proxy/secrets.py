@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import ctypes
+import os
 import re
 import secrets
 from collections.abc import Iterable
@@ -50,6 +53,45 @@ def parse_secret_spec(spec: str, environ: dict[str, str], files: dict[str, str])
     else:
         raise JailError(f"--secret {name}: set {name} in jail's environment or give --secret-file {name}=PATH")
     return Secret.create(name, value, hosts.split(","))
+
+
+PR_SET_DUMPABLE = 4
+# /proc/PID/stat fields 50 and 51 (1-based): where the kernel's copy of the initial environment lies.
+ENV_START_FIELD, ENV_END_FIELD = 50, 51
+
+
+def hide_from_children(items: Iterable[Secret]) -> None:
+    """Leave the real values nowhere a jailed child can read them in jail's own process.
+
+    os.environ loses them (so nothing jail starts inherits them), and the initial environment block,
+    which the kernel serves as /proc/PID/environ for the whole life of the process whatever
+    os.environ says, is overwritten in place. The process is made non-dumpable, so a child of the
+    same uid cannot read its memory (/proc/PID/mem) either."""
+    values = [item.value.encode() for item in items]
+    if not values:
+        return
+    for item in items:
+        if os.environ.get(item.name) == item.value:
+            del os.environ[item.name]
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        _overwrite_initial_environment(values)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def _overwrite_initial_environment(values: list[bytes]) -> None:
+    with open("/proc/self/stat", "rb") as handle:
+        stat = handle.read()
+    fields = stat[stat.rindex(b")") + 2 :].split()  # fields from the third on (the name may hold spaces)
+    start, end = int(fields[ENV_START_FIELD - 3]), int(fields[ENV_END_FIELD - 3])
+    with open("/proc/self/mem", "r+b", buffering=0) as memory:
+        memory.seek(start)
+        block = memory.read(end - start)
+        scrubbed = block
+        for value in values:
+            scrubbed = scrubbed.replace(value, b"*" * len(value))
+        if scrubbed != block:
+            memory.seek(start)
+            memory.write(scrubbed)
 
 
 class Vault:
