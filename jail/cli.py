@@ -99,15 +99,22 @@ def filesystem_policy(
     protect: tuple[str, ...],
     allow_unix_socket: tuple[str, ...],
     no_fs_restrictions: bool,
+    keep_caches: bool = False,
 ):
     """The command's filesystem policy (None with --no-fs-restrictions)."""
     if no_fs_restrictions:
         return None
     if read_only and allow_write:
         raise click.UsageError("--read-only and --allow-write contradict each other")
-    from jail.platform.confine import build_policy
+    if read_only and keep_caches:
+        raise click.UsageError("--read-only and --keep-caches contradict each other")
+    from jail.platform.caches import find_caches
+    from jail.platform.confine import build_policy, home_dirs
 
-    return build_policy(allow_write, read_only, deny_read, protect, allow_unix_socket)
+    policy = build_policy(allow_write, read_only, deny_read, protect, allow_unix_socket)
+    # The package managers' caches, copy-on-write (written through with --keep-caches): jail/platform/caches.py.
+    caches = find_caches(home_dirs(), dict(os.environ), avoid=(*policy.write_roots, *policy.deny_read))
+    return policy._replace(caches=caches, keep_caches=keep_caches)
 
 
 def rule_spec(
@@ -194,12 +201,22 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 @click.option("--allow-private", multiple=True, metavar="CIDR", help="Let the proxy reach this private/loopback range.")
 @click.option("--upstream-ca", type=EXISTING_FILE, help="Also trust this CA for upstream servers.")
+@click.option(
+    "--upstream-proxy",
+    metavar="URL",
+    help="Send allowed requests through this http:// proxy (default: jail's own HTTPS_PROXY/HTTP_PROXY).",
+)
 # Filesystem confinement (jail/platform/confine.py).
 @click.option("--allow-write", multiple=True, metavar="PATH", help="Writable folder (default: the current one).")
 @click.option("--read-only", is_flag=True, help="No writes at all but to a private temp dir ($TMPDIR).")
 @click.option("--deny-read", multiple=True, metavar="PATH", help="Also unreadable (added to ~/.ssh, ~/.aws, ...).")
 @click.option("--protect", multiple=True, metavar="PATH", help="Read-only even inside a writable folder.")
 @click.option("--allow-unix-socket", multiple=True, metavar="PATH", help="Allow Unix sockets (see README).")
+@click.option(
+    "--keep-caches",
+    is_flag=True,
+    help="Package caches (~/.npm, ~/.cache, ...) written through, not copy-on-write: what the command puts there stays.",
+)
 @click.option("--no-fs-restrictions", is_flag=True, help="No filesystem restrictions at all.")
 @click.option("--test", "test_flag", is_flag=True, hidden=True)
 @click.option("--test-url", hidden=True)
@@ -238,12 +255,14 @@ def main(
     secret_files: tuple[str, ...],
     allow_private: tuple[str, ...],
     upstream_ca: Path | None,
+    upstream_proxy: str | None,
     allow_write: tuple[str, ...],
     read_only: bool,
     deny_read: tuple[str, ...],
     protect: tuple[str, ...],
     allow_unix_socket: tuple[str, ...],
     no_fs_restrictions: bool,
+    keep_caches: bool,
     test_flag: bool,
     test_url: str | None,
     test_method: str,
@@ -282,13 +301,16 @@ def main(
         audit_log=audit_log,
         log_header_values=log_header_values,
         upstream_ca=upstream_ca,
+        upstream_proxy=upstream_proxy,
         server=server,
         audit_mode=audit_mode,
         fail_on_deny=fail_on_deny,
         user=user,
         docker_run=docker_run,
         allow_private=tuple(parse_cidr(value) for value in allow_private),
-        filesystem=filesystem_policy(allow_write, read_only, deny_read, protect, allow_unix_socket, no_fs_restrictions),
+        filesystem=filesystem_policy(
+            allow_write, read_only, deny_read, protect, allow_unix_socket, no_fs_restrictions, keep_caches
+        ),
         secrets=parse_secrets(secret_specs, secret_files),
     )
     if explain:

@@ -23,6 +23,12 @@ ROOTLESS_GUARANTEES = (
     " judged too; DNS to any server gets jail's answer); everything else is refused; the command runs as you,"
     " without capabilities over its network"
 )
+NAMESPACE_GUARANTEES = (
+    "own user and network namespace with loopback only and no firewall: jail's proxy (reached through the"
+    " proxy variables) and its resolver are the only way out; a program that ignores the proxy variables"
+    " reaches nothing (its connections fail at once) instead of being judged; the command runs as you,"
+    " without capabilities over its network"
+)
 WEAK_LIMITS = (
     "only programs that honour the proxy variables (HTTP_PROXY, HTTPS_PROXY, ...) are judged;"
     " others (raw sockets, UDP, DNS, Node's fetch) go out unjudged"
@@ -59,8 +65,7 @@ def explain(config: JailConfig) -> str:
         lines.append(
             f"secret {secret.name}: placeholder in the child, real value only for https://{', '.join(sorted(secret.hosts))}"
         )
-    if config.upstream_ca is not None:
-        lines.append(f"upstream CA: also trusts {config.upstream_ca} for upstream servers")
+    lines.append(_upstream(config))
     lines.extend(_filesystem(config))
     return "\n".join(lines)
 
@@ -157,6 +162,16 @@ def _timeout(spec: RuleSpec) -> str:
     return f"{DEFAULT_TIMEOUTS[spec.kind]:g} s (default; --rule-timeout changes it)"
 
 
+def _upstream(config: JailConfig) -> str:
+    """The proxy allowed requests leave through, and the CA files upstream servers are verified against."""
+    from jail.proxy.ca import TrustSources
+    from jail.proxy.upstream import UpstreamProxies
+
+    trust = TrustSources.gather(config.upstream_ca)
+    proxies = UpstreamProxies.configure(config.upstream_proxy)
+    return f"upstream: {proxies.describe()}; servers verified against {', '.join(map(str, trust.files))}"
+
+
 def _mode(config: JailConfig) -> str:
     from jail.model import JailError
     from jail.platform import choose_mode
@@ -171,6 +186,7 @@ def _mode(config: JailConfig) -> str:
     return {
         "strong": f"strong: {STRONG_GUARANTEES}{user}",
         "rootless": f"rootless: {ROOTLESS_GUARANTEES}",
+        "namespace": f"namespace ({reason}): {NAMESPACE_GUARANTEES}",
         "docker": "docker: the container's network is an internal bridge whose only way out is jail",
     }[mode]
 
@@ -198,5 +214,22 @@ def _filesystem(config: JailConfig) -> list[str]:
         f"  unreadable: {', '.join(policy.deny_read) or 'nothing'}",
         f"  always read-only: {', '.join(policy.protect) or 'nothing'}",
         f"  unix sockets: {', '.join(policy.allow_unix_sockets) or 'none may be opened'}",
+        _caches(policy),
     ]
     return lines
+
+
+def _caches(policy) -> str:
+    if not policy.caches:
+        return "  package caches: none found"
+    if policy.keep_caches:
+        how = (
+            "written through (--keep-caches): what the command writes there stays, a poisoned entry included,"
+            " for later runs outside the jail"
+        )
+    else:
+        how = (
+            "copy-on-write: reads see your cache, writes land in a layer private to the run, dropped at its end"
+            " (a missing folder is made empty first)"
+        )
+    return f"  package caches, {how}: {', '.join(policy.caches)}"

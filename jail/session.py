@@ -22,11 +22,13 @@ from jail.platform import (
     remove_orphan_dirs,
     select_backend,
 )
+from jail.platform.caches import remove_layers
 from jail.platform.confine import FsPolicy, confine_command
 from jail.platform.process import Child, ChildError
 from jail.policies import Judge, RuleSpec, build_engine
-from jail.proxy.ca import CertificateAuthority
+from jail.proxy.ca import CertificateAuthority, TrustSources
 from jail.proxy.secrets import Secret
+from jail.proxy.upstream import UpstreamProxies, is_proxy_setting
 
 logger = logging.getLogger("jail")
 
@@ -50,6 +52,8 @@ class JailConfig:
     audit_log: Path | None = None
     log_header_values: bool = False
     upstream_ca: Path | None = None
+    # `--upstream-proxy URL`; without it, jail's own HTTPS_PROXY / HTTP_PROXY (if any).
+    upstream_proxy: str | None = None
     ca_dir: Path | None = None
     test_request: Request | None = None
     server: bool = False
@@ -128,7 +132,11 @@ class Session:
         self.workdir = make_workdir(self.jail_id)
         # This one and every other temp dir of the run (the backend's, the command's private temp dir).
         self.stack.callback(remove_dirs_of, self.jail_id)
-        self.ca = CertificateAuthority.ensure(self.config.ca_dir)
+        self.stack.callback(remove_layers, self.jail_id)  # first: its read-only folders need a chmod
+        # What the host trusts and which proxy it uses: read from jail's own environment, before the child's is made.
+        self.trust = TrustSources.gather(self.config.upstream_ca)
+        self.upstream = UpstreamProxies.configure(self.config.upstream_proxy)
+        self.ca = CertificateAuthority.ensure(self.config.ca_dir, self.trust)
 
     async def _serve(self, listeners: Listeners, isolated: bool) -> None:
         """Serve the backend's sockets: the proxy (started last, it is the slow part) and jail's resolver."""
@@ -147,7 +155,8 @@ class Session:
             transparent=listeners.transparent,
             decide=Judge(self.engine, self.config.audit_mode).decide,
             audit=self.audit,
-            upstream_ca=self.config.upstream_ca,
+            trust=self.trust,
+            upstream=self.upstream,
             workdir=self.workdir,
             guard=AddressGuard(isolated, networks(*self.config.allow_private)),
             vault=Vault(self.config.secrets),
@@ -157,7 +166,7 @@ class Session:
     def _endpoint(self, listeners: Listeners) -> ProxyEndpoint:
         self.stack.callback(listeners.close)
         host, port, *_ = listeners.regular.getsockname()
-        return ProxyEndpoint(host, port, self.ca.cert_path, self.ca.bundle_path)
+        return ProxyEndpoint(host, port, self.ca.trust_cert_path, self.ca.bundle_path)
 
     async def _run_server(self) -> int:
         listeners = Listeners(listening_socket(*self.config.listen))
@@ -180,7 +189,9 @@ class Session:
         self.stack.push_async_callback(backend.teardown)
         listeners = await backend.prepare()
         proxy = self._endpoint(listeners)
-        env = backend.child_environment(dict(os.environ), proxy)
+        # jail's own proxy settings (a corporate proxy) are jail's: the child is pointed at jail.
+        own = {name: value for name, value in os.environ.items() if not is_proxy_setting(name)}
+        env = backend.child_environment(own, proxy)
         # The child holds placeholders only; the real values stay in jail.
         env.update({secret.name: secret.placeholder for secret in self.config.secrets})
         child = Child(confine_command(self.config.filesystem, backend, self.config.command), env, self.jail_id)

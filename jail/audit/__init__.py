@@ -60,6 +60,11 @@ class Outcome:
     error: str = ""
     # The address dialled (or refused by the address guard).
     address: str = ""
+    # The upstream proxy the request went through.
+    via: str = ""
+    # Why an allowed request failed upstream (upstream_dns, upstream_refused, ...); the record's
+    # reason_code then, the rule's reason code otherwise.
+    reason_code: str = ""
 
 
 class AuditSink:
@@ -116,7 +121,7 @@ class AuditSink:
             **fields,
             "decision": decision.verdict,
             "reason": decision.reason,
-            "reason_code": decision.reason_code,
+            "reason_code": outcome.reason_code or decision.reason_code,
             "engine": decision.engine,
             "rule": decision.rule,
             "rule_us": decision.rule_us,
@@ -129,6 +134,8 @@ class AuditSink:
         }
         if outcome.error:
             record["error"] = outcome.error
+        if outcome.via:
+            record["via"] = outcome.via
         return record
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jail.proxy.ca import CertificateAuthority
+from jail.proxy.ca import CertificateAuthority, TrustSources
 
 IMPORT_THREAD_PREFIX = "jail: import "
 IMPORT_SWITCH_INTERVAL_SECONDS = 0.0002
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from jail.proxy.addon import Decide
     from jail.proxy.guard import AddressGuard
     from jail.proxy.secrets import Vault
+    from jail.proxy.upstream import UpstreamProxies
 
 
 async def start_proxy(
@@ -30,26 +31,26 @@ async def start_proxy(
     regular: socket.socket,
     decide: Decide,
     audit: AuditSink,
-    upstream_ca: Path | None,
+    trust: TrustSources,
     workdir: Path,
     guard: AddressGuard,
     vault: Vault,
     transparent: socket.socket | None = None,
+    upstream: UpstreamProxies | None = None,
 ) -> Callable[[], Awaitable[None]]:
     """Serve the bound sockets; return the coroutine function that stops the proxy.
 
     With `transparent`, that socket takes connections a firewall redirected to it (their
-    destination is read from the connection tracking).
+    destination is read from the connection tracking). Upstream servers are verified against
+    `trust`; allowed requests leave through `upstream` when it names a proxy.
     """
     # mitmproxy takes most of a second to import: jail's child is already running meanwhile, and
     # `--test`, `--explain` and the tools never load it.
     server = await import_in_background("jail.proxy.server")
     from jail.proxy.addon import PolicyAddon
-    from jail.proxy.ca import upstream_trust_bundle
 
-    trust = upstream_trust_bundle(upstream_ca, workdir) if upstream_ca else None
-    settings = server.ProxySettings(ca.directory, regular, transparent, trust)
-    proxy = server.EmbeddedProxy(settings, PolicyAddon(decide, audit, guard, vault))
+    settings = server.ProxySettings(ca.directory, regular, transparent, ca.write_upstream_trust(trust, workdir))
+    proxy = server.EmbeddedProxy(settings, PolicyAddon(decide, audit, guard, vault, upstream))
     await proxy.start()
     return proxy.stop
 

@@ -2,26 +2,35 @@
 
 Nothing reaches upstream before an allow: mitmproxy runs lazily (no dial at CONNECT time), and
 `server_connect` refuses any dial that an allowed request of the same client did not ask for,
-which also covers tunnels whose content is neither HTTP nor TLS.
+which also covers tunnels whose content is neither HTTP nor TLS. With an upstream (corporate) proxy,
+an allowed request is routed through it (`via`, or absolute form for plain HTTP); the proxy is dialled
+only for such a request, and a denied one never reaches it.
+
+A request that fails upstream (no such name, refused, timed out, TLS verification) is answered with a
+one-line text/plain 502 that says why, and its audit record carries an `upstream_*` reason code.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from mitmproxy import connection, http
 from mitmproxy.net.http import url
 from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy.layers import tls
 from mitmproxy.proxy.mode_specs import TransparentMode
 
 from jail.audit import AuditSink, Outcome
 from jail.model import Decision, Request
 from jail.proxy.guard import AddressGuard
 from jail.proxy.secrets import Secret, Vault
+from jail.proxy.upstream import ProxyServer, UpstreamProxies
 
 logger = logging.getLogger("jail.proxy")
 
@@ -139,6 +148,66 @@ def reframe_for_rewritten_body(flow: http.HTTPFlow) -> None:
         response.headers["transfer-encoding"] = "chunked"
 
 
+@dataclass(frozen=True)
+class UpstreamFailure:
+    """Why an allowed request got no answer from upstream: a reason code for the log, a line for the agent."""
+
+    reason_code: str
+    cause: str
+
+
+TLS_HINT = "add its CA with --upstream-ca FILE or to the bundle SSL_CERT_FILE names in jail's environment"
+# errno of a failed connect -> (reason code, what it means)
+CONNECT_FAILURES = {
+    errno.ECONNREFUSED: ("upstream_refused", "connection refused"),
+    errno.ECONNRESET: ("upstream_refused", "connection reset"),
+    errno.ETIMEDOUT: ("upstream_timeout", "connection timed out"),
+    errno.EHOSTUNREACH: ("upstream_unreachable", "host unreachable"),
+    errno.ENETUNREACH: ("upstream_unreachable", "network unreachable"),
+}
+ERRNO_MESSAGE = re.compile(r"\[Errno (-?\d+)\]")
+RESOLVER_ERRORS = {-2, -3, -5}  # EAI_NONAME, EAI_AGAIN, EAI_NODATA (the resolver's errno)
+
+
+def connect_failure(message: str, target: str) -> UpstreamFailure | None:
+    """A failed dial as mitmproxy reports it (`str(OSError)`), or None if `message` is not one."""
+    match = ERRNO_MESSAGE.match(message)
+    if match is None:
+        return None
+    number = int(match.group(1))
+    if number in RESOLVER_ERRORS:
+        return UpstreamFailure("upstream_dns", f"cannot resolve {target}")
+    code, meaning = CONNECT_FAILURES.get(number, ("upstream_error", message))
+    return UpstreamFailure(code, f"cannot connect to {target}: {meaning}")
+
+
+def failure_response(request: Request, failure: UpstreamFailure) -> http.Response:
+    """The deny body's shape: agents read it and adapt."""
+    body = f"jail: upstream failed for {request.method} {request.url}\nreason: {failure.cause}\n"
+    return http.Response.make(
+        502,
+        body.encode(),
+        {
+            "content-type": "text/plain; charset=utf-8",
+            "x-jail-decision": "allowed",
+            "x-jail-error": failure.reason_code,
+            "connection": "close",
+        },
+    )
+
+
+def x509_name(name: Any) -> str:
+    """`CN=..., O=...` of a pyOpenSSL X509Name."""
+    return ", ".join(f"{k.decode()}={v.decode(errors='replace')}" for k, v in name.get_components()) or "(empty)"
+
+
+def presented_chain(chain: list[Any]) -> str:
+    """Which certificate the server presented, and the issuer its chain ends at (the CA to trust)."""
+    if not chain:
+        return "no certificate"
+    return f"certificate {x509_name(chain[0].get_subject())}, chain issued by {x509_name(chain[-1].get_issuer())}"
+
+
 class ByteCounter:
     """A mitmproxy stream callable that counts bytes and, given a limit, cuts the rest; an optional
     transform (secret masking) runs first."""
@@ -168,6 +237,9 @@ class Judged:
     upload: ByteCounter | None = None
     download: ByteCounter | None = None
     address: str = ""
+    # The upstream proxy the request was sent through.
+    via: str = ""
+    failure: UpstreamFailure | None = None
     logged: bool = False
 
 
@@ -199,13 +271,23 @@ def secret_leak_reason(leaks: list[Secret], request: Request) -> str:
 
 
 class PolicyAddon:
-    def __init__(self, decide: Decide, audit: AuditSink, guard: AddressGuard, vault: Vault | None = None) -> None:
+    def __init__(
+        self,
+        decide: Decide,
+        audit: AuditSink,
+        guard: AddressGuard,
+        vault: Vault | None = None,
+        upstream: UpstreamProxies | None = None,
+    ) -> None:
         self.decide = decide
         self.audit = audit
         self.guard = guard
         self.vault = vault or Vault()
+        self.upstream = upstream or UpstreamProxies()
         self.destinations = Destinations()
         self.own_addresses: set[tuple[str, int]] = set()
+        # Per client, the servers whose TLS verification failed and what they presented.
+        self.tls_failures: dict[str, dict[tuple[str, int], str]] = {}
 
     def set_listen_addresses(self, addresses: list[tuple[str, int]]) -> None:
         self.own_addresses = {(host, port) for host, port, *_ in addresses}
@@ -230,7 +312,9 @@ class PolicyAddon:
         assert request is not None
         judged: Judged = flow.metadata[METADATA_KEY]
         judged.started = started
-        if judged.decision.max_tx_bytes is not None or flow.request.stream:
+        if judged.failure is not None:
+            flow.request.stream = False  # answered already (the name does not resolve)
+        elif judged.decision.max_tx_bytes is not None or flow.request.stream:
             judged.upload = ByteCounter(judged.decision.max_tx_bytes)
             flow.request.stream = judged.upload
 
@@ -269,14 +353,28 @@ class PolicyAddon:
             carried = self.vault.carried([*flow.request.headers.values(), request.query, request.path])
             if leaks := self.vault.leaks(carried, request.host, request.scheme):
                 return refused(secret_leak_reason(leaks, request), "secret_leak"), 403, ""
-        address, guard_refusal = await self.guard.choose(request.host, request.port)
+        proxy = self.upstream.route(request.scheme, request.host, request.port)
+        if proxy is not None:
+            # The proxy resolves the name; the guard checks what it can know here (see screen()).
+            guard_refusal = await self.guard.screen(request.host, request.port)
+            address = ""
+        else:
+            address, guard_refusal = await self.guard.choose(request.host, request.port)
+        if guard_refusal is not None and guard_refusal.reason_code == "resolve_failed":
+            failure = UpstreamFailure("upstream_dns", guard_refusal.reason)
+            flow.response = failure_response(request, failure)
+            flow.metadata[METADATA_KEY] = Judged(0.0, request, decision, failure=failure)
+            return None  # allowed, and answered: nothing is dialled
         if guard_refusal is not None:
             return refused(guard_refusal.reason, guard_refusal.reason_code), 403, guard_refusal.address
-        assert address is not None
-        self._pin_destination(flow, request, address)
+        if proxy is not None:
+            self._pin_via_proxy(flow, request, proxy)
+        else:
+            assert address is not None
+            self._pin_destination(flow, request, address)
         if carried:
             self._inject(flow, carried)
-        flow.metadata[METADATA_KEY] = Judged(0.0, request, decision, address=address)
+        flow.metadata[METADATA_KEY] = Judged(0.0, request, decision, address=address, via=str(proxy or ""))
         return None
 
     def _inject(self, flow: http.HTTPFlow, carried: list[Secret]) -> None:
@@ -304,6 +402,34 @@ class PolicyAddon:
         req.host_header = request.authority
         flow.request.path = request.path + (f"?{request.query}" if request.query else "")
         self.destinations.permit(flow.client_conn.id, address, request.port, request.host)
+        self._set_via(flow, None)
+
+    def _pin_via_proxy(self, flow: http.HTTPFlow, request: Request, proxy: ProxyServer) -> None:
+        """Forward exactly what was judged through the upstream proxy, by name (the proxy resolves it):
+        HTTPS with CONNECT to the judged host and port, then TLS to it; plain HTTP in absolute form."""
+        req = flow.request
+        req.host_header = request.authority
+        req.path = request.path + (f"?{request.query}" if request.query else "")
+        req.headers.pop("proxy-authorization", None)  # the child's own never reaches the proxy
+        if request.scheme == "https":
+            req.data.host = request.host
+            req.data.port = request.port
+            if req.data.authority:
+                req.authority = request.authority
+            self._set_via(flow, ("http", proxy.address))
+        else:
+            req.data.host, req.data.port = proxy.address
+            req.authority = url.hostport(request.scheme, request.host, request.port)
+            if proxy.authorization:
+                req.headers["proxy-authorization"] = proxy.authorization
+            self._set_via(flow, None)
+        self.destinations.permit(flow.client_conn.id, proxy.host, proxy.port, request.host)
+
+    @staticmethod
+    def _set_via(flow: http.HTTPFlow, via: tuple[str, tuple[str, int]] | None) -> None:
+        """The client's connection object carries `via` into every later request: set it every time."""
+        if flow.server_conn.via != via:
+            flow.server_conn.via = via  # type: ignore[assignment]
 
     def _refuse(self, flow: http.HTTPFlow, judged: Judged, status: int) -> None:
         flow.request.stream = False  # the body is read and dropped; mitmproxy cannot answer mid-stream
@@ -320,6 +446,19 @@ class PolicyAddon:
         if data.server.sni is not None:
             # The TLS name is the judged host, never the client's own SNI (no fronting).
             data.server.sni = name
+
+    def http_connect_upstream(self, flow: http.HTTPFlow) -> None:
+        """The CONNECT jail sends the upstream proxy carries jail's credentials for it."""
+        for proxy in self.upstream.by_scheme.values():
+            if proxy.address == flow.server_conn.address and proxy.authorization:
+                flow.request.headers["proxy-authorization"] = proxy.authorization
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        """Remember which certificate failed verification, to name it in the 502."""
+        if data.conn.address is None or data.ssl_conn is None:
+            return
+        presented = presented_chain(data.ssl_conn.get_peer_cert_chain() or [])
+        self.tls_failures.setdefault(data.context.client.id, {})[data.conn.address] = presented
 
     def request(self, flow: http.HTTPFlow) -> None:
         """A buffered body is checked for placeholders before anything is sent (streamed bodies are not)."""
@@ -351,6 +490,12 @@ class PolicyAddon:
         self._record(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        judged: Judged | None = flow.metadata.get(METADATA_KEY)
+        if judged is not None and (failure := self._upstream_failure(flow, judged)) is not None:
+            # Sent instead of mitmproxy's own error page (see server.send_error_hook_responses).
+            assert judged.request is not None
+            judged.failure = failure
+            flow.response = failure_response(judged.request, failure)
         if METADATA_KEY not in flow.metadata and flow.error is not None:
             # mitmproxy refused the request before any hook (e.g. Content-Length with
             # Transfer-Encoding): audit the refusal too.
@@ -362,8 +507,28 @@ class PolicyAddon:
             flow.metadata[METADATA_KEY] = Judged(flow.request.timestamp_start, request, refusal)
         self._record(flow)
 
+    def _upstream_failure(self, flow: http.HTTPFlow, judged: Judged) -> UpstreamFailure | None:
+        """What failed upstream, from mitmproxy's error message, or None if it was not upstream's doing
+        (or the client already has an answer)."""
+        if judged.request is None or not judged.decision.allow or flow.response is not None or flow.error is None:
+            return None
+        message = flow.error.msg
+        target = f"{judged.request.host}:{judged.request.port}"
+        presented = self.tls_failures.get(flow.client_conn.id, {}).get((flow.request.host, flow.request.port))
+        if presented is not None:
+            detail = message.removeprefix("Certificate verify failed: ")
+            cause = f"TLS verification of {target} failed: {detail} ({presented}); {TLS_HINT}"
+            return UpstreamFailure("upstream_tls", cause)
+        if judged.via:
+            if message.startswith("Upstream proxy"):
+                return UpstreamFailure("upstream_proxy", f"{message} (for {target})")
+            if (failure := connect_failure(message, f"the upstream proxy {judged.via}")) is not None:
+                return UpstreamFailure("upstream_proxy", failure.cause)
+        return connect_failure(message, target)
+
     def client_disconnected(self, client: connection.Client) -> None:
         self.destinations.forget(client.id)
+        self.tls_failures.pop(client.id, None)
 
     def _record(self, flow: http.HTTPFlow) -> None:
         judged: Judged | None = flow.metadata.get(METADATA_KEY)
@@ -381,7 +546,9 @@ class PolicyAddon:
             if response
             else 0,
             duration_ms=(time.time() - judged.started) * 1000,
-            error=flow.error.msg if flow.error else "",
+            error=judged.failure.cause if judged.failure else flow.error.msg if flow.error else "",
             address=judged.address,
+            via=judged.via,
+            reason_code=judged.failure.reason_code if judged.failure else "",
         )
         self.audit.record(judged.started, judged.request, judged.decision, outcome)

@@ -57,6 +57,9 @@ class Refusal:
 
 # Remembered verdicts and literals per guard; past this many, the memory starts over.
 MEMORY_ENTRIES = 4096
+# With an upstream proxy the local lookup is only a screen: a resolver that does not answer must not
+# hold every request up.
+PROXIED_LOOKUP_SECONDS = 2.0
 
 
 @dataclass
@@ -119,6 +122,18 @@ class AddressGuard:
         for _family, _type, _proto, _name, sockaddr in infos:
             seen[str(canonical_ip(ipaddress.ip_address(sockaddr[0])))] = None
         return list(seen)
+
+    async def screen(self, host: str, port: int) -> Refusal | None:
+        """For a request an upstream proxy resolves and dials: an IP literal is checked as for a direct
+        dial; a name by what it resolves to here, when it resolves (refused if none of its addresses may
+        be dialled). A name that does not resolve here in time (split DNS, only the proxy resolves) is left
+        to the proxy: where the proxy connects is beyond what jail can see."""
+        try:
+            addresses = await asyncio.wait_for(self.resolve(host, port), PROXIED_LOOKUP_SECONDS)
+        except (OSError, TimeoutError):
+            return None
+        refusals = [self.check(address) for address in addresses]
+        return refusals[0] if refusals and all(refusals) else None
 
     async def choose(self, host: str, port: int) -> tuple[str | None, Refusal | None]:
         """The address to dial, or why none may be dialled."""

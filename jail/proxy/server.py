@@ -15,6 +15,15 @@ from pathlib import Path
 from mitmproxy import http, options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
+from mitmproxy.proxy import layer
+from mitmproxy.proxy.layers.http import (
+    HttpStream,
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseHeaders,
+    ResponseProtocolError,
+    SendHttp,
+)
 from mitmproxy.proxy.mode_servers import ServerInstance
 
 from jail.model import JailError
@@ -30,6 +39,43 @@ def skip_debug_type_checks() -> None:
 
 def _unchecked(self: http.MessageData) -> None:
     pass
+
+
+def send_error_hook_responses() -> None:
+    """When a request fails upstream, mitmproxy runs the `error` hook and then sends the client its own
+    HTML error page, whatever the hook did. Here, a response the hook set (jail's one-line text/plain
+    502) is sent instead, as a whole response, when the client has had no response headers yet."""
+    if getattr(HttpStream.handle_protocol_error, "jail_sends_hook_response", False):
+        return
+    original = HttpStream.handle_protocol_error
+
+    def handle_protocol_error(self: HttpStream, event: object) -> layer.CommandGenerator[None]:
+        answered_before = self.flow.response is not None
+        steps = original(self, event)
+        reply = None
+        while True:
+            try:
+                command = steps.send(reply)
+            except StopIteration as finished:
+                return finished.value
+            reply = None
+            response = self.flow.response
+            if (
+                not answered_before
+                and response is not None
+                and isinstance(command, SendHttp)
+                and isinstance(command.event, ResponseProtocolError)
+                and command.connection is self.context.client
+            ):
+                client = self.context.client
+                yield SendHttp(ResponseHeaders(self.stream_id, response, False), client)
+                yield SendHttp(ResponseData(self.stream_id, response.raw_content or b""), client)
+                yield SendHttp(ResponseEndOfMessage(self.stream_id), client)
+            else:
+                reply = yield command
+
+    handle_protocol_error.jail_sends_hook_response = True  # type: ignore[attr-defined]
+    HttpStream.handle_protocol_error = handle_protocol_error  # type: ignore[method-assign]
 
 
 class StartupErrors(logging.Handler):
@@ -61,6 +107,7 @@ class ProxySettings:
     regular: socket.socket
     # Connections a firewall redirected here: their destination is read from connection tracking.
     transparent: socket.socket | None = None
+    # The CAs upstream servers are verified against (the host's trust, plus --upstream-ca).
     upstream_trust: Path | None = None
 
     def listeners(self) -> list[tuple[str, socket.socket]]:
@@ -78,6 +125,7 @@ class EmbeddedProxy:
     async def start(self) -> None:
         """Serve the given sockets. Raises JailError when mitmproxy cannot start."""
         skip_debug_type_checks()
+        send_error_hook_responses()
         # No mode of mitmproxy's own: it would bind listeners; jail serves the sockets it was given.
         opts = options.Options(confdir=str(self.settings.ca_dir), mode=[])
         self.master = Master(opts)
