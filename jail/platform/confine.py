@@ -123,6 +123,7 @@ POLICY_FIELDS = (
     "home_files",
     "caches",
     "keep_caches",
+    "cache_layer",
 )
 # The launcher's arguments for the list fields, in POLICY_FIELDS order.
 LIST_FLAGS = {
@@ -135,7 +136,9 @@ LIST_FLAGS = {
 }
 
 
-class FsPolicy(namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), (), (), True, None, (), (), False))):
+class FsPolicy(
+    namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), (), (), True, None, (), (), False, None))
+):
     """What the jailed command may read and write. Paths are absolute; `tmp_dir` is filled in per run.
 
     A named tuple rather than a dataclass: the launcher imports this module on every start.
@@ -156,6 +159,8 @@ class FsPolicy(namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), ()
     # writes land in a layer private to the run (written through to the real cache with keep_caches).
     caches: tuple[str, ...]
     keep_caches: bool
+    # The run's private folder for the caches' upper layers (filled in per run; see caches.py).
+    cache_layer: str | None
 
     def to_args(self) -> list[str]:
         """The launcher's arguments for this policy (paths may hold any character but NUL)."""
@@ -167,6 +172,7 @@ class FsPolicy(namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), ()
         args += ["--keep-caches"] if self.keep_caches else []
         args += [] if self.enabled else ["--disabled"]
         args += ["--tmp", self.tmp_dir] if self.tmp_dir else []
+        args += ["--cache-layer", self.cache_layer] if self.cache_layer else []
         return args
 
     @classmethod
@@ -174,7 +180,7 @@ class FsPolicy(namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), ()
         """The policy, and what follows its `--` (the command)."""
         lists: dict[str, list[str]] = {name: [] for name in LIST_FLAGS.values()}
         switches: set[str] = set()
-        tmp_dir = None
+        tmp_dir = cache_layer = None
         index = 0
         while index < len(args) and args[index] != "--":
             flag = args[index]
@@ -183,6 +189,9 @@ class FsPolicy(namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), ()
                 index += 2
             elif flag == "--tmp" and index + 1 < len(args):
                 tmp_dir = args[index + 1]
+                index += 2
+            elif flag == "--cache-layer" and index + 1 < len(args):
+                cache_layer = args[index + 1]
                 index += 2
             elif flag in ("--read-only", "--disabled", "--keep-caches"):
                 switches.add(flag)
@@ -200,6 +209,7 @@ class FsPolicy(namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), ()
             home_files=tuple(lists["home_files"]),
             caches=tuple(lists["caches"]),
             keep_caches="--keep-caches" in switches,
+            cache_layer=cache_layer,
         )
         return policy, args[index + 1 :]
 
@@ -315,6 +325,8 @@ def confine_command(policy: FsPolicy | None, backend, argv: list[str]) -> list[s
     wrapped = backend.child_command(argv)
     owner = _setpriv_owner(wrapped)
     policy = _with_private_tmp(policy, owner, backend.jail_id)
+    if policy.caches and not policy.keep_caches:
+        policy = policy._replace(cache_layer=_caches().make_layer(backend.jail_id))
     if backend.name == "strong" and "setpriv" in wrapped:
         at = wrapped.index("setpriv")
         return [*wrapped[:at], *launcher_prefix(policy), *wrapped[at:]]
@@ -602,19 +614,35 @@ def apply(policy: FsPolicy) -> None:
     if mounts or policy.protect:
         _precreate_git_paths(policy)
         mounts = plan_mounts(policy)
-    if mounts and private_mount_namespace():
+    copy_on_write = bool(policy.caches) and not policy.keep_caches
+    namespace = (bool(mounts) or copy_on_write) and private_mount_namespace()
+    if mounts and namespace:
         for path, read_only in mounts:
             _mount(path, path, MS_BIND)
             if read_only:
                 _mount(None, path, MS_REMOUNT | MS_BIND | MS_RDONLY)
                 mounted.add(path)
         os.chdir(os.getcwd())  # the current directory may now be under a new mount point
-    apply_landlock(plan_rules(policy, mounted), abi, not any(s.startswith("@") for s in policy.allow_unix_sockets))
+    rules = plan_rules(policy, mounted)
+    if policy.caches:
+        caches = _caches().show_caches(policy.caches, policy.cache_layer, policy.keep_caches, namespace)
+        denied = [os.path.realpath(p) for p in policy.deny_read]
+        rules += [rule for cache in caches for rule in plan_around(cache, denied, WRITE)[0]]
+    apply_landlock(rules, abi, not any(s.startswith("@") for s in policy.allow_unix_sockets))
     if not policy.allow_unix_sockets:
         apply_seccomp(unix_socket_filter(os.uname().machine))
     if policy.tmp_dir:
         for name in ("TMPDIR", "TMP", "TEMP"):
             os.environ[name] = policy.tmp_dir
+
+
+def _caches():
+    """The caches module: jail.platform.caches in jail's process, `caches` from this folder in the launcher."""
+    if __package__:
+        from jail.platform import caches
+    else:
+        import caches
+    return caches
 
 
 def main(argv: list[str] | None = None) -> None:
