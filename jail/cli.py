@@ -14,7 +14,8 @@ import click
 
 from jail import __version__
 from jail.model import JailError, Request
-from jail.policies import RuleSpec
+from jail.policies import RuleSpec, rule_files
+from jail.profiles import Profile, detect, home_dir, load
 from jail.proxy.secrets import Secret, hide_from_children, parse_secret_spec
 from jail.session import JailConfig, Session, check_rule
 
@@ -100,8 +101,11 @@ def filesystem_policy(
     allow_unix_socket: tuple[str, ...],
     no_fs_restrictions: bool,
     keep_caches: bool = False,
+    profile: Profile | None = None,
+    rule_files: tuple[Path, ...] = (),
 ):
-    """The command's filesystem policy (None with --no-fs-restrictions)."""
+    """The command's filesystem policy (None with --no-fs-restrictions): the agent profile's folders and
+    home files open too; the files the rule is read from stay read-only wherever they lie."""
     if no_fs_restrictions:
         return None
     if read_only and allow_write:
@@ -111,10 +115,28 @@ def filesystem_policy(
     from jail.platform.caches import find_caches
     from jail.platform.confine import build_policy, home_dirs
 
-    policy = build_policy(allow_write, read_only, deny_read, protect, allow_unix_socket)
+    home, environ = home_dir(), dict(os.environ)
+    policy = build_policy(
+        allow_write,
+        read_only,
+        deny_read,
+        (*protect, *map(str, rule_files)),
+        allow_unix_socket,
+        also_write=tuple(profile.folders(home, environ)) if profile else (),
+        home_files=tuple(profile.home_files(home, environ)) if profile else (),
+    )
     # The package managers' caches, copy-on-write (written through with --keep-caches): jail/platform/caches.py.
     caches = find_caches(home_dirs(), dict(os.environ), avoid=(*policy.write_roots, *policy.deny_read))
     return policy._replace(caches=caches, keep_caches=keep_caches)
+
+
+def choose_profile(name: str | None, no_profile: bool, command: tuple[str, ...]) -> Profile | None:
+    """--profile NAME, none with --no-profile, else the profile of the agent the command runs (if any)."""
+    if name is not None and no_profile:
+        raise click.UsageError("--profile and --no-profile contradict each other")
+    if name is not None:
+        return load(name)
+    return None if no_profile else detect(list(command))
 
 
 def rule_spec(
@@ -218,6 +240,13 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
     help="Package caches (~/.npm, ~/.cache, ...) written through, not copy-on-write: what the command puts there stays.",
 )
 @click.option("--no-fs-restrictions", is_flag=True, help="No filesystem restrictions at all.")
+@click.option(
+    "--profile",
+    "profile_name",
+    metavar="NAME",
+    help="Agent profile (codex, claude, gemini, opencode, aider): its state writable, its hosts allowed.",
+)
+@click.option("--no-profile", is_flag=True, help="No agent profile, even for a command that has one.")
 @click.option("--test", "test_flag", is_flag=True, hidden=True)
 @click.option("--test-url", hidden=True)
 @click.option("--test-method", hidden=True, default="GET")
@@ -263,6 +292,8 @@ def main(
     allow_unix_socket: tuple[str, ...],
     no_fs_restrictions: bool,
     keep_caches: bool,
+    profile_name: str | None,
+    no_profile: bool,
     test_flag: bool,
     test_url: str | None,
     test_method: str,
@@ -291,6 +322,7 @@ def main(
         print(f"jail: removed {len(removed)} orphaned jail(s){': ' + ' '.join(removed) if removed else ''}")
         sys.exit(0)
     spec = rule_spec(js, str(js_file) if js_file else None, sh, proc, policy_files, rule_timeout)
+    profile = choose_profile(profile_name, no_profile, command)
     config = JailConfig(
         command=list(command),
         rule=spec,
@@ -309,8 +341,18 @@ def main(
         docker_run=docker_run,
         allow_private=tuple(parse_cidr(value) for value in allow_private),
         filesystem=filesystem_policy(
-            allow_write, read_only, deny_read, protect, allow_unix_socket, no_fs_restrictions, keep_caches
+            allow_write,
+            read_only,
+            deny_read,
+            protect,
+            allow_unix_socket,
+            no_fs_restrictions,
+            keep_caches,
+            profile,
+            rule_files(spec),
         ),
+        profile=profile,
+        profile_named=profile_name is not None,
         secrets=parse_secrets(secret_specs, secret_files),
     )
     if explain:

@@ -6,10 +6,12 @@ loaded (and so checked) exactly as a real run would load them; a broken one rais
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 
-from jail.policies import DEFAULT_TIMEOUTS, RuleSpec
+from jail.policies import DEFAULT_TIMEOUTS, RuleSpec, rule_files
+from jail.profiles import detect, home_dir
 from jail.session import JailConfig
 
 STRONG_GUARANTEES = (
@@ -42,6 +44,7 @@ def explain(config: JailConfig) -> str:
     lines.append(_what_runs(config))
     lines.append(_rule_header(config.rule))
     lines += [f"  {line}" for line in _rule_lines(config.rule)]
+    lines += [f"  {line}" for line in _rule_file_lines(config)]
     lines.append(f"rule timeout: {_timeout(config.rule)}")
     if config.audit_mode:
         lines.append(
@@ -66,6 +69,7 @@ def explain(config: JailConfig) -> str:
             f"secret {secret.name}: placeholder in the child, real value only for https://{', '.join(sorted(secret.hosts))}"
         )
     lines.append(_upstream(config))
+    lines.extend(_profile(config))
     lines.extend(_filesystem(config))
     return "\n".join(lines)
 
@@ -211,12 +215,71 @@ def _filesystem(config: JailConfig) -> list[str]:
     lines = [
         "filesystem (Landlock): everything readable except the denied paths; writes only where allowed",
         f"  writable: {writable}" + ("" if policy.read_only else " and a private temp dir"),
-        f"  unreadable: {', '.join(policy.deny_read) or 'nothing'}",
+        f"  unreadable: {', '.join([*policy.deny_read, _ca_private_files(config)])}",
         f"  always read-only: {', '.join(policy.protect) or 'nothing'}",
         f"  unix sockets: {', '.join(policy.allow_unix_sockets) or 'none may be opened'}",
         _caches(policy),
     ]
     return lines
+
+
+def _ca_private_files(config: JailConfig) -> str:
+    from jail.proxy.ca import default_ca_dir
+
+    directory = config.ca_dir or default_ca_dir()
+    return f"every file holding the CA's private key in {directory} (all but trust/ and the certificate)"
+
+
+def _rule_file_lines(config: JailConfig) -> list[str]:
+    files = rule_files(config.rule)
+    if not files:
+        return []
+    policy = config.filesystem
+    if policy is None or not policy.enabled:
+        return [f"rule files (writable by the command where you can write, --no-fs-restrictions): {_paths(files)}"]
+    return [f"rule files, read-only inside the jail (the command cannot rewrite its rule): {_paths(files)}"]
+
+
+def _profile(config: JailConfig) -> list[str]:
+    profile = config.profile
+    if profile is None:
+        detected = detect(config.command)
+        return [
+            f"agent profile: none (--no-profile; the command runs {detected.name})"
+            if detected
+            else "agent profile: none"
+        ]
+    how = f"--profile {profile.name}" if config.profile_named else "told from the command; --no-profile turns it off"
+    lines = [f"agent profile: {profile.name} ({profile.description}), {how}"]
+    home, environ = home_dir(), dict(os.environ)
+    policy = config.filesystem
+    if policy is None or not policy.enabled:
+        lines.append("  folders and files: nothing to open (--no-fs-restrictions)")
+    elif policy.read_only:
+        lines.append("  folders and files: not opened (--read-only)")
+    else:
+        lines.append(f"  writable state folders (made if missing, mode 0700): {_paths(profile.folders(home, environ))}")
+        files = profile.home_files(home, environ)
+        if files:
+            lines.append(
+                f"  files it may rewrite in place, their folder staying closed (made if missing): {_paths(files)}"
+            )
+    if not profile.hosts:
+        lines.append("  hosts: none (its model API is the provider you set up: allow it in the rule)")
+    elif config.profile_named:
+        lines.append(
+            f"  hosts allowed over HTTPS whatever the rule answers (engine profile:{profile.name}): {', '.join(profile.hosts)}"
+        )
+    else:
+        lines.append(
+            f"  hosts it needs, not allowed (a profile told from the command never widens the rule;"
+            f" --profile {profile.name} allows them): {', '.join(profile.hosts)}"
+        )
+    return lines
+
+
+def _paths(paths) -> str:
+    return ", ".join(str(path) for path in paths)
 
 
 def _caches(policy) -> str:

@@ -23,9 +23,10 @@ from jail.platform import (
     select_backend,
 )
 from jail.platform.caches import remove_layers
-from jail.platform.confine import FsPolicy, confine_command
+from jail.platform.confine import FsPolicy, command_owner, confine_command, create_missing
 from jail.platform.process import Child, ChildError
-from jail.policies import Judge, RuleSpec, build_engine
+from jail.policies import HostGrant, Judge, RuleSpec, build_engine
+from jail.profiles import Profile, home_dir
 from jail.proxy.ca import CertificateAuthority, TrustSources
 from jail.proxy.secrets import Secret
 from jail.proxy.upstream import UpstreamProxies, is_proxy_setting
@@ -68,6 +69,17 @@ class JailConfig:
     secrets: tuple[Secret, ...] = ()
     # Filesystem confinement of the command (None: none); see jail/platform/confine.py.
     filesystem: FsPolicy | None = None
+    # The agent profile (None: none); its folders and files are in `filesystem` already. Its hosts are
+    # allowed only when the user named it (--profile): a profile told from the command never widens the rule.
+    profile: Profile | None = None
+    profile_named: bool = False
+
+    def host_grant(self) -> HostGrant | None:
+        profile = self.profile
+        if profile is None or not self.profile_named or not profile.hosts:
+            return None
+        reason = f"a host the {profile.name} agent needs (--profile {profile.name})"
+        return HostGrant(f"profile:{profile.name}", reason, frozenset(profile.hosts))
 
 
 def new_jail_id() -> str:
@@ -80,7 +92,7 @@ async def check_rule(config: JailConfig) -> int:
     engine = build_engine(config.rule)
     await engine.start()
     try:
-        decision = await Judge(engine).decide(config.test_request)
+        decision = await Judge(engine, grant=config.host_grant()).decide(config.test_request)
     finally:
         await engine.close()
     request = config.test_request
@@ -137,6 +149,9 @@ class Session:
         self.trust = TrustSources.gather(self.config.upstream_ca)
         self.upstream = UpstreamProxies.configure(self.config.upstream_proxy)
         self.ca = CertificateAuthority.ensure(self.config.ca_dir, self.trust)
+        if self.config.filesystem is not None:
+            # Whoever holds the CA's key can forge certificates for anyone who trusts it.
+            self.config.filesystem = self.config.filesystem.denying(self.ca.private_files())
 
     async def _serve(self, listeners: Listeners, isolated: bool) -> None:
         """Serve the backend's sockets: the proxy (started last, it is the slow part) and jail's resolver."""
@@ -153,7 +168,7 @@ class Session:
             ca=self.ca,
             regular=listeners.regular,
             transparent=listeners.transparent,
-            decide=Judge(self.engine, self.config.audit_mode).decide,
+            decide=Judge(self.engine, self.config.audit_mode, self.config.host_grant()).decide,
             audit=self.audit,
             trust=self.trust,
             upstream=self.upstream,
@@ -194,6 +209,7 @@ class Session:
         env = backend.child_environment(own, proxy)
         # The child holds placeholders only; the real values stay in jail.
         env.update({secret.name: secret.placeholder for secret in self.config.secrets})
+        self._make_agent_state(backend)
         child = Child(confine_command(self.config.filesystem, backend, self.config.command), env, self.jail_id)
         if self.signals.stopping.is_set():
             return 128 + self.signals.received[0]
@@ -207,6 +223,18 @@ class Session:
         serving = asyncio.create_task(self._serve(listeners, backend.isolated))
         self.stack.push_async_callback(_cancelled, serving)
         return await self._supervise(child, serving)
+
+    def _make_agent_state(self, backend) -> None:
+        """The profile's missing folders and home files, made as the user the command runs as."""
+        policy, profile = self.config.filesystem, self.config.profile
+        if profile is None or policy is None or not policy.enabled or policy.read_only:
+            return
+        if backend.name not in ("weak", "strong", "rootless"):  # docker: no filesystem confinement
+            return
+        home = home_dir()
+        create_missing(
+            profile.folders(home, dict(os.environ)), profile.home_files(home, dict(os.environ)), command_owner(backend)
+        )
 
     async def _supervise(self, child: Child, serving: asyncio.Task[None]) -> int:
         self.signals.child = child

@@ -78,6 +78,7 @@ WRITE = (
 )
 FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
 DEVICE_RIGHTS = READ_FILE | WRITE_FILE | TRUNCATE | IOCTL_DEV
+HOME_FILE_RIGHTS = READ_FILE | WRITE_FILE | TRUNCATE
 # Devices every program expects to open for writing; /dev/shm is not among them (shared with the host).
 WRITABLE_DEVICES = (
     "/dev/null",
@@ -218,6 +219,10 @@ class FsPolicy(
         tmp = (self.tmp_dir,) if self.tmp_dir else ()
         return tmp if self.read_only else (*self.allow_write, *tmp)
 
+    def denying(self, paths) -> FsPolicy:
+        """This policy with PATHS unreadable too."""
+        return self._replace(deny_read=tuple(dict.fromkeys([*self.deny_read, *map(str, paths)])))
+
 
 # ---------------------------------------------------------------------------------------------------
 # Building the policy (in jail's own process)
@@ -271,17 +276,20 @@ def build_policy(
     protect: tuple[str, ...] = (),
     allow_unix_sockets: tuple[str, ...] = (),
     enabled: bool = True,
-    ca_key: str | None = None,
+    also_write: tuple[str, ...] = (),
+    home_files: tuple[str, ...] = (),
 ) -> FsPolicy:
-    """The policy for these flags: `allow_write` replaces the current directory; the rest add to defaults."""
+    """The policy for these flags: `allow_write` replaces the current directory; the rest add to defaults.
+
+    `also_write` (an agent's state folders) are writable besides them; `home_files` are single files the
+    command may rewrite in a folder that stays closed. Paths of jail's own secrets (its CA's key) are
+    added by the session once it knows them (`FsPolicy.denying`).
+    """
     cwd = os.getcwd()
     writable = [os.path.abspath(p) for p in allow_write] or [cwd]
+    writable += [os.path.abspath(p) for p in also_write]
     denied = [os.path.join(home, name) for home in home_dirs() for name in SECRET_FILES]
-    if ca_key is None:
-        from jail.proxy.ca import CertificateAuthority, default_ca_dir
-
-        ca_key = str(CertificateAuthority(default_ca_dir()).key_path)
-    denied += [ca_key, *(os.path.abspath(p) for p in deny_read)]
+    denied += [os.path.abspath(p) for p in deny_read]
     protected = [os.path.join(home, name) for home in home_dirs() for name in SHELL_RC_FILES]
     for directory in dict.fromkeys([cwd, *writable]):
         protected += git_protected_paths(directory)
@@ -294,6 +302,7 @@ def build_policy(
         protect=tuple(dict.fromkeys(protected)),
         allow_unix_sockets=sockets,
         enabled=enabled,
+        home_files=tuple(dict.fromkeys(os.path.abspath(p) for p in home_files)),
     )
 
 
@@ -331,6 +340,43 @@ def confine_command(policy: FsPolicy | None, backend, argv: list[str]) -> list[s
         at = wrapped.index("setpriv")
         return [*wrapped[:at], *launcher_prefix(policy), *wrapped[at:]]
     return backend.child_command(confine_argv(policy, argv))
+
+
+def command_owner(backend) -> tuple[int, int] | None:
+    """(uid, gid) the backend runs the command as when that is not jail's own user (strong mode's setpriv)."""
+    return _setpriv_owner(backend.child_command(["true"]))
+
+
+def create_missing(folders: list[str], files: dict[str, str], owner: tuple[int, int] | None) -> None:
+    """Make the missing FOLDERS (mode 0700) and FILES (mode 0600, with their initial text) as OWNER, the
+    user the command runs as, before the restrictions close the folders around them.
+
+    Made by that user itself (not by root and chown'ed): a link the user planted on the way must not
+    make root create anything elsewhere. A failure is said on one line and the command still runs.
+    """
+    folders = [f for f in folders if not os.path.lexists(f)]
+    files = {path: text for path, text in files.items() if not os.path.lexists(path)}
+    if not folders and not files:
+        return
+    import subprocess
+
+    # Folders first (umask 077: 0700), then each file only if it still does not exist (noclobber: O_EXCL).
+    script = (
+        'umask 077; n=$1; shift; while [ "$n" -gt 0 ]; do mkdir -p -- "$1" || exit 1; shift; n=$((n-1)); done; '
+        'set -C; while [ $# -gt 0 ]; do printf %s "$2" > "$1" || exit 1; shift 2; done'
+    )
+    args = [str(len(folders)), *folders, *[item for pair in files.items() for item in pair]]
+    as_user = (
+        {} if owner is None or owner[0] == os.geteuid() else {"user": owner[0], "group": owner[1], "extra_groups": []}
+    )
+    done = subprocess.run(
+        ["/bin/sh", "-c", script, "sh", *args], capture_output=True, text=True, check=False, **as_user
+    )
+    if done.returncode != 0:
+        import logging
+
+        problem = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        logging.getLogger("jail").warning("cannot create the agent's state: %s", problem)
 
 
 def _setpriv_owner(argv: list[str]) -> tuple[int, int] | None:
@@ -408,6 +454,10 @@ def plan_rules(policy: FsPolicy, mounted: set[str], listdir=_listdir, exists=os.
         write_rules, _ = plan_around(root, avoid, WRITE, listdir)
         rules += write_rules
     rules += [(d, DEVICE_RIGHTS) for d in WRITABLE_DEVICES if exists(d)]
+    # A home file is rewritten in place: the agent's temp file + rename beside it is refused (EACCES),
+    # and Claude Code then writes the file itself. Its folder stays closed.
+    home_files = [os.path.realpath(f) for f in policy.home_files if not policy.read_only and exists(f)]
+    rules += [(f, HOME_FILE_RIGHTS) for f in home_files if not any(is_within(f, d) for d in denied)]
     return rules
 
 
@@ -424,7 +474,9 @@ def plan_mounts(policy: FsPolicy, exists=os.path.lexists) -> list[tuple[str, boo
         mounts[path] = True
         for root in containing:
             parent = os.path.dirname(path)
-            while is_within(parent, root):
+            # `/` as a write root: dirname("/") is "/" again, and a mount over the root is not needed (it
+            # cannot be renamed or removed) nor seen by lookups that start from it.
+            while is_within(parent, root) and parent != "/":
                 mounts.setdefault(parent, False)
                 parent = os.path.dirname(parent)
     return sorted(mounts.items(), key=lambda item: (item[0].count("/"), item[0]))

@@ -60,15 +60,30 @@ class DenyAll:
         pass
 
 
+@dataclass(frozen=True)
+class HostGrant:
+    """Hosts allowed over HTTPS whatever the rule answers (the hosts of an agent profile the user named):
+    a request the rule denies is allowed when it goes to one of them, in a Decision that says so."""
+
+    engine: str  # e.g. "profile:codex": the Decision's engine
+    reason: str
+    hosts: frozenset[str]
+
+    def covers(self, request: Request) -> bool:
+        return request.host in self.hosts and request.scheme in ("https", "wss") and request.port == 443
+
+
 class Judge:
     """Asks the engine, times the answer, and turns any failure into a deny (fail closed).
 
+    A `grant` widens the rule: what the rule denies to a granted host is allowed (never the other way).
     In audit mode every deny is let through as `would_deny`.
     """
 
-    def __init__(self, engine: Engine, audit_mode: bool = False) -> None:
+    def __init__(self, engine: Engine, audit_mode: bool = False, grant: HostGrant | None = None) -> None:
         self.engine = engine
         self.audit_mode = audit_mode
+        self.grant = grant
 
     async def decide(self, request: Request) -> Decision:
         started = time.perf_counter()
@@ -78,8 +93,40 @@ class Judge:
             logger.warning("rule failed for %s %s: %s", request.method, request.url, exc)
             decision = Decision.denied(f"rule error: {exc}", "rule_error")
         rule_us = int((time.perf_counter() - started) * 1e6)
+        if not decision.allow and self.grant is not None and self.grant.covers(request):
+            return Decision.allowed(self.grant.reason).stamped(self.grant.engine, rule_us)
         decision = decision.stamped(self.engine.name, rule_us)
         return decision.audited() if self.audit_mode else decision
+
+
+def rule_files(spec: RuleSpec) -> tuple[Path, ...]:
+    """Every file the rule is taken from: the --js-file, the --policy files (and a hook's program file),
+    and each word of a --sh or --proc command that names an existing file. The jailed command must never
+    be able to change them (it would rewrite its own rule)."""
+    if spec.kind == "js_file":
+        return (Path(spec.source).absolute(),)
+    if spec.kind in ("sh", "proc"):
+        return _program_files(spec.source)
+    if spec.kind != "policy":
+        return ()
+    from jail.policies.policy_file import load_policy
+
+    files = [path.absolute() for path in spec.files]
+    hook = load_policy(spec.files).hooks
+    if hook is not None:
+        files += [Path(hook.source)] if hook.kind == "js_file" else []
+        files += _program_files(hook.source) if hook.kind in ("sh", "proc") else []
+    return tuple(dict.fromkeys(files))
+
+
+def _program_files(command: str) -> tuple[Path, ...]:
+    import shlex
+
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return ()
+    return tuple(dict.fromkeys(Path(word).absolute() for word in words if Path(word).is_file()))
 
 
 def build_engine(spec: RuleSpec) -> Engine:
