@@ -324,6 +324,33 @@ def test_a_namespace_the_kernel_refuses_is_one_clear_line(monkeypatch, tmp_path)
     assert str(refused.value) == "cannot build the rootless jail: unshare: unshare failed: Operation not permitted"
 
 
+SYS_GETCWD = {"x86_64": 79, "aarch64": 17}
+GETCWD_PROBE = f"""
+import ctypes, os, platform, subprocess
+buf = ctypes.create_string_buffer(4096)
+# The system call itself: glibc's getcwd() hides an "(unreachable)" answer by walking "..", musl's does not.
+ctypes.CDLL(None).syscall({SYS_GETCWD}[platform.machine()], buf, 4096)
+print(buf.value.decode())
+print(os.getcwd())
+print(subprocess.run(["/bin/pwd", "-P"], capture_output=True, text=True).stdout.strip())
+print(os.readlink("/proc/self/cwd"))
+"""
+
+
+def getcwd_answers(result: subprocess.CompletedProcess) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+@pytest.mark.skipif(
+    os.uname().machine not in SYS_GETCWD, reason="getcwd's system call number is known for x86_64 and aarch64"
+)
+@pytest.mark.parametrize("flags", [(), ("--no-fs-restrictions",)], ids=["confined", "unconfined"])
+def test_getcwd_is_the_real_path(user, flags):
+    answers = getcwd_answers(user.python(GETCWD_PROBE, "--js", "true", *flags))
+    assert answers == [str(user.workspace)] * 4
+
+
 @pytest.fixture
 def repository(user) -> Path:
     """The user's workspace as a git repository, with a secret key in the user's home."""

@@ -95,30 +95,35 @@ class Backend(Protocol):
 def choose_mode(
     weak: bool, user: str | None = None, docker_run: bool = False, allow_weak: bool = False
 ) -> tuple[str, str]:
-    """The backend a run gets ("docker", "strong", "rootless" or "weak") and, for weak mode, why;
-    raises JailError when the command cannot be isolated and weak mode was not allowed.
+    """The backend a run gets ("docker", "strong", "rootless", "namespace" or "weak") and, when a stronger
+    one was unavailable, why; raises JailError when the command cannot be isolated and weak mode was
+    not allowed.
 
-    The strongest available wins: a network namespace as root, a user namespace otherwise; weak mode
-    only when asked for (`--weak`) or allowed (`--allow-weak`)."""
+    The strongest available wins: a network namespace with nftables as root; a user namespace with
+    nftables; the same namespace without a firewall (only the proxy variables lead out); weak mode only
+    when asked for (`--weak`) or allowed (`--allow-weak`)."""
     from jail.platform.netns import strong_mode_unavailable
-    from jail.platform.rootless import rootless_unavailable
+    from jail.platform.rootless import nftables_unavailable, rootless_unavailable
 
     if docker_run:
         return "docker", ""
     if weak:
         return "weak", "--weak"
-    if os.geteuid() == 0:
-        reason = strong_mode_unavailable()
-        if reason is None:
-            return "strong", ""
-    elif user is not None:
+    root = os.geteuid() == 0
+    if not root and user is not None:
         raise JailError("--user needs root (the strong mode runs the command as another user)")
-    else:
-        reason = rootless_unavailable()
-        if reason is None:
-            return "rootless", ""
+    reason = strong_mode_unavailable() if root else None
+    if root and reason is None:
+        return "strong", ""
     if user is not None:
         raise JailError(f"--user needs the strong mode, which is unavailable: {reason}")
+    namespace_reason = rootless_unavailable()
+    if namespace_reason is None:
+        firewall_reason = nftables_unavailable()
+        if firewall_reason is None:
+            return "rootless", reason or ""
+        return "namespace", firewall_reason
+    reason = f"{reason}; and {namespace_reason}" if reason else namespace_reason
     if not allow_weak:
         raise JailError(
             f"cannot isolate the command: {reason}; pass --allow-weak (or --weak) to run it with proxy"
@@ -127,11 +132,20 @@ def choose_mode(
     return "weak", reason
 
 
+# What an unasked-for fallback says once on stderr, by mode.
+FALLBACK_NOTICES = {
+    "namespace": "jail: isolated without a firewall ({reason}): only programs that use the proxy variables get out",
+    "weak": "jail: weak mode ({reason}): only programs that honour proxy variables are judged",
+}
+
+
 def select_backend(
     jail_id: str, weak: bool, user: str | None = None, docker_run: bool = False, allow_weak: bool = False
 ) -> Backend:
-    """The backend `choose_mode` picks; an unasked-for weak mode is said once on stderr."""
+    """The backend `choose_mode` picks; a fallback to a weaker one is said once on stderr."""
     mode, reason = choose_mode(weak, user, docker_run, allow_weak)
+    if mode in FALLBACK_NOTICES and not weak:
+        print(FALLBACK_NOTICES[mode].format(reason=reason), file=sys.stderr)
     if mode == "docker":
         from jail.platform.docker import DockerBackend
 
@@ -140,14 +154,12 @@ def select_backend(
         from jail.platform.netns import NetnsBackend
 
         return NetnsBackend(jail_id, user)
-    if mode == "rootless":
+    if mode in ("rootless", "namespace"):
         from jail.platform.rootless import RootlessBackend
 
-        return RootlessBackend(jail_id)
+        return RootlessBackend(jail_id, firewall=mode == "rootless")
     from jail.platform.weak import WeakBackend
 
-    if not weak:
-        print(f"jail: weak mode ({reason}): only programs that honour proxy variables are judged", file=sys.stderr)
     return WeakBackend(jail_id)
 
 

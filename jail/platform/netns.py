@@ -86,11 +86,13 @@ def strong_mode_unavailable() -> str | None:
     """Why the strong backend cannot run here, or None."""
     if os.geteuid() != 0:
         return "not running as root"
+    from jail.platform.rootless import nftables_unavailable
+
     for tool in ("ip", "nft", "setpriv"):
         if shutil.which(tool) is None:
             package = {"nft": "nftables", "ip": "iproute2", "setpriv": "util-linux"}[tool]
             return f"the {tool!r} command is missing (install the {package} package)"
-    return None
+    return nftables_unavailable()
 
 
 def _taken_networks() -> list[ipaddress.IPv4Network]:

@@ -10,11 +10,17 @@ The holder binds the proxy's and the resolver's sockets inside the namespace and
 which serves them from outside: the namespace has no link to anything, so the only way out is through
 jail. Nothing is created on the host, so a killed jail leaves nothing behind: the kernel frees the
 namespaces with their last process and socket.
+
+Without nftables (no `nft` command, or no nf_tables in the kernel) the same namespace is the jail
+without a firewall ("namespace" mode, for root and users alike): no route but loopback and no
+redirect, so the proxy variables are the only way out and a program that ignores them reaches
+nothing (its connections fail at once) rather than being judged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -28,42 +34,79 @@ from jail.model import JailError, ProxyEndpoint
 from jail.platform import Listeners
 
 HOLDER = Path(__file__).with_name("rootless_holder.py")
-TOOLS = {"unshare": "util-linux", "nsenter": "util-linux", "setpriv": "util-linux", "nft": "nftables", "ip": "iproute2"}
+TOOLS = ("unshare", "nsenter", "setpriv")
 TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Every name resolves here (a benchmarking range no one routes); connections to it on 80/443 are the proxy's.
 SINKHOLE = "198.18.0.1"
 JAIL_HOSTS_FILE = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
 HOLDER_START_SECONDS = 10.0
+NFT_PROBE_SECONDS = 5.0
 # /proc/sys switches that turn unprivileged user namespaces off, and the value that means off.
+MAX_USER_NAMESPACES = "/proc/sys/user/max_user_namespaces"
 USERNS_SWITCHES = {
-    "/proc/sys/user/max_user_namespaces": "0",
+    MAX_USER_NAMESPACES: "0",
     "/proc/sys/kernel/unprivileged_userns_clone": "0",
     "/proc/sys/kernel/apparmor_restrict_unprivileged_userns": "1",
 }
 
 
 def rootless_unavailable() -> str | None:
-    """Why an unprivileged user namespace cannot be the jail here, or None."""
+    """Why a user namespace of the caller's cannot be the jail here, or None."""
     if sys.platform != "linux":
         return f"no user namespaces on {sys.platform}"
     for switch, off in USERNS_SWITCHES.items():
+        # The other switches hold back unprivileged users only.
+        if os.geteuid() == 0 and switch != MAX_USER_NAMESPACES:
+            continue
         try:
             if Path(switch).read_text().strip() == off:
                 return f"unprivileged user namespaces are disabled ({switch} is {off})"
         except OSError:
             continue
-    for tool, package in TOOLS.items():
+    for tool in TOOLS:
         if shutil.which(tool, path=TOOL_PATH) is None:
-            return f"the {tool!r} command is missing (install the {package} package)"
+            return f"the {tool!r} command is missing (install the util-linux package)"
+    return None
+
+
+@functools.cache
+def nftables_unavailable() -> str | None:
+    """Why no nftables table can be installed in a namespace of jail's, or None.
+
+    Only trying tells whether the kernel has nf_tables (it may be missing, or blocked in a container):
+    `nft list tables` in a fresh network namespace, a user namespace's when not root (~3 ms)."""
+    nft = shutil.which("nft", path=TOOL_PATH)
+    if nft is None:
+        return "the 'nft' command is missing"
+    as_user = ["--user", "--map-root-user"] if os.geteuid() != 0 else []
+    try:
+        probe = subprocess.run(
+            [_tool("unshare"), *as_user, "--net", nft, "list", "tables"],
+            capture_output=True,
+            text=True,
+            timeout=NFT_PROBE_SECONDS,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"nftables does not work here: {exc}"
+    if probe.returncode != 0:
+        said = probe.stderr.strip().splitlines()
+        return f"nftables does not work here: {said[0] if said else f'nft exited with {probe.returncode}'}"
     return None
 
 
 class RootlessBackend:
+    """The rootless jail; without a firewall (`firewall=False`) the namespace mode's.
+
+    Both are named "rootless": the filesystem launcher takes its place in the child's command line the
+    same way in both."""
+
     name = "rootless"
     isolated = True
 
-    def __init__(self, jail_id: str) -> None:
+    def __init__(self, jail_id: str, firewall: bool = True) -> None:
         self.jail_id = jail_id
+        self.firewall = firewall
         self.holder: subprocess.Popen[bytes] | None = None
         self.control: socket.socket | None = None
         self.workdir: Path | None = None
@@ -90,9 +133,9 @@ class RootlessBackend:
                     "-S",
                     str(HOLDER),
                     str(theirs.fileno()),
-                    f"jail_{self.jail_id}",
                     str(resolv_conf),
                     str(hosts),
+                    *([f"jail_{self.jail_id}"] if self.firewall else []),
                 ],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
@@ -102,12 +145,15 @@ class RootlessBackend:
             message, fds = await asyncio.wait_for(asyncio.to_thread(self._receive), HOLDER_START_SECONDS)
         except TimeoutError:
             raise JailError("the rootless jail's namespace did not come up in time") from None
-        if message.get("error") or len(fds) != 3:
+        expected = 3 if self.firewall else 2
+        if message.get("error") or len(fds) != expected:
             for fd in fds:
                 os.close(fd)
             raise JailError(f"cannot build the rootless jail: {message.get('error') or self._holder_failure()}")
-        regular, transparent, dns = (socket.socket(fileno=fd) for fd in fds)
-        return Listeners(regular, transparent, dns, sinkhole=SINKHOLE)
+        sockets = [socket.socket(fileno=fd) for fd in fds]
+        transparent = sockets[1] if self.firewall else None
+        # Without a redirect, the sinkhole is an address nothing routes to.
+        return Listeners(sockets[0], transparent, sockets[-1], sinkhole=SINKHOLE)
 
     def _receive(self) -> tuple[dict[str, str], list[int]]:
         assert self.control is not None
@@ -141,8 +187,6 @@ class RootlessBackend:
             "--mount",
             # No setgroups: the namespace forbids it (an unprivileged user namespace must).
             "--preserve-credentials",
-            # Entering a mount namespace moves to its root: come back to where jail was started.
-            f"--wd={os.getcwd()}",
             "--",
             # A second user namespace in which the command is the caller's uid: it keeps the caller's
             # files, and has no capability over the first namespace's network or firewall.
@@ -150,6 +194,10 @@ class RootlessBackend:
             "--user",
             f"--map-user={os.getuid()}",
             f"--map-group={os.getgid()}",
+            # Entering a mount namespace moves to its root: come back to where jail was started, by
+            # path inside the namespace (nsenter's --wd keeps a directory of the host's mount namespace,
+            # which getcwd() then reports as "(unreachable)/...", and musl programs fail on).
+            f"--wd={os.getcwd()}",
             "--",
             _tool("setpriv"),
             "--no-new-privs",
