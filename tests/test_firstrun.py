@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from jail.model import JailError
 from jail.platform.rootless import TOOL_PATH, rootless_unavailable
 from tests.conftest import PYTHON, UPSTREAM_HOST, host_addresses, jail_argv, wait_for
 from tests.test_rootless import GETCWD_PROBE, RUNUSER, SYS_GETCWD, RootlessUser, getcwd_answers, user  # noqa: F401
@@ -188,3 +189,38 @@ def test_the_probe_sees_an_unreachable_directory(tmp_path):
         holder.kill()
         holder.wait()
     assert getcwd_answers(probe)[0] == f"(unreachable){tmp_path}"
+
+
+@pytest.fixture
+def broken_nft(tmp_path: Path, monkeypatch) -> Iterator[None]:
+    """An `nft` first on jail's tool path that fails the way it does on a kernel without nf_tables."""
+    from jail.platform import rootless
+
+    fake = tmp_path / "nft"
+    fake.write_text("#!/bin/sh\necho 'Error: Could not process rule: Operation not supported' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(rootless, "TOOL_PATH", f"{tmp_path}:{rootless.TOOL_PATH}")
+    rootless.nftables_unavailable.cache_clear()
+    yield
+    rootless.nftables_unavailable.cache_clear()
+
+
+@pytest.mark.parametrize("uid", [0, 1000], ids=["root", "user"])
+def test_nftables_missing_from_the_kernel_is_found_by_trying(broken_nft, monkeypatch, uid):
+    from jail.platform import choose_mode
+
+    monkeypatch.setattr(os, "geteuid", lambda: uid)
+    reason = "nftables does not work here: Error: Could not process rule: Operation not supported"
+    assert choose_mode(weak=False) == ("namespace", reason)
+
+
+def test_root_without_the_strong_mode_prefers_the_rootless_firewall(monkeypatch):
+    from jail.platform import choose_mode, netns, rootless
+
+    rootless.nftables_unavailable.cache_clear()
+    if (missing := rootless.nftables_unavailable()) is not None:
+        pytest.skip(f"needs nftables: {missing}")
+    monkeypatch.setattr(netns, "strong_mode_unavailable", lambda: "the 'ip' command is missing")
+    assert choose_mode(weak=False) == ("rootless", "the 'ip' command is missing")
+    with pytest.raises(JailError, match="--user needs the strong mode, which is unavailable: the 'ip' command"):
+        choose_mode(weak=False, user="nobody")
