@@ -214,13 +214,18 @@ def test_nftables_missing_from_the_kernel_is_found_by_trying(broken_nft, monkeyp
     assert choose_mode(weak=False) == ("namespace", reason)
 
 
-def test_root_without_the_strong_mode_prefers_the_rootless_firewall(monkeypatch):
-    from jail.platform import choose_mode, netns, rootless
+def test_root_without_the_strong_mode_prefers_the_rootless_firewall(monkeypatch, capsys):
+    from jail.platform import choose_mode, netns, rootless, select_backend
 
     rootless.nftables_unavailable.cache_clear()
     if (missing := rootless.nftables_unavailable()) is not None:
         pytest.skip(f"needs nftables: {missing}")
     monkeypatch.setattr(netns, "strong_mode_unavailable", lambda: "the 'ip' command is missing")
     assert choose_mode(weak=False) == ("rootless", "the 'ip' command is missing")
+    assert select_backend("0123abcd", weak=False).firewall
+    assert (
+        capsys.readouterr().err
+        == "jail: isolated in a user namespace, not the strong mode: the 'ip' command is missing\n"
+    )
     with pytest.raises(JailError, match="--user needs the strong mode, which is unavailable: the 'ip' command"):
         choose_mode(weak=False, user="nobody")

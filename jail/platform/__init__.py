@@ -134,6 +134,7 @@ def choose_mode(
 
 # What an unasked-for fallback says once on stderr, by mode.
 FALLBACK_NOTICES = {
+    "rootless": "jail: isolated in a user namespace, not the strong mode: {reason}",
     "namespace": "jail: isolated without a firewall ({reason}): only programs that use the proxy variables get out",
     "weak": "jail: weak mode ({reason}): only programs that honour proxy variables are judged",
 }
@@ -144,7 +145,7 @@ def select_backend(
 ) -> Backend:
     """The backend `choose_mode` picks; a fallback to a weaker one is said once on stderr."""
     mode, reason = choose_mode(weak, user, docker_run, allow_weak)
-    if mode in FALLBACK_NOTICES and not weak:
+    if reason and mode in FALLBACK_NOTICES and not weak:
         print(FALLBACK_NOTICES[mode].format(reason=reason), file=sys.stderr)
     if mode == "docker":
         from jail.platform.docker import DockerBackend
