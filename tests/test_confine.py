@@ -27,6 +27,9 @@ from jail.platform.confine import (
     plan_rules,
     unix_socket_filter,
 )
+from tests.conftest import PYTHON
+from tests.test_rootless import RootlessUser, user  # noqa: F401  (the rootless test user fixture)
+from tests.test_rootless import unavailable as rootless_unavailable
 
 TREE = {
     "/": ["etc", "home", "usr", "bin"],
@@ -318,3 +321,150 @@ def test_protect_flag_and_deny_read_flag(run_jail, workspace) -> None:
     )
     assert "other-ok" in result.stdout and "no-new" in result.stdout and "private" not in result.stdout
     assert (proj / "Makefile").read_text() == "all:\n"
+
+
+# --- defect: a write root of `/` (the launcher walked up from a protected path forever) -------------
+
+
+def test_plan_mounts_ends_at_the_root_as_write_root(tmp_path: Path) -> None:
+    (tmp_path / ".bashrc").write_text("")
+    policy = FsPolicy(allow_write=("/",), protect=(str(tmp_path / ".bashrc"),))
+    mounts = plan_mounts(policy)
+    assert (str(tmp_path / ".bashrc"), True) in mounts and (str(tmp_path), False) in mounts
+    assert ("/", False) not in mounts  # a mount over / is neither needed nor seen
+
+
+@pytestmark_linux
+@pytest.mark.parametrize("mode", MODES)
+def test_jail_started_from_the_root_folder_starts_and_ends(run_jail, workspace, mode: list[str]) -> None:
+    _, home, _, env = workspace
+    for name in (".bashrc", ".profile", ".zshrc"):
+        (home / name).write_text("# rc\n")
+    from_root = run_jail(*mode, "--js", "true", "--", "true", cwd="/", env=env, timeout=30)
+    assert from_root.returncode == 0, from_root.stderr
+    root_writable = run_jail(*mode, "--allow-write", "/", "--js", "true", "--", "sh", "-c", "true", env=env, timeout=30)
+    assert root_writable.returncode == 0, root_writable.stderr
+
+
+# --- jail's CA: no file that holds (or could hold) its private key is readable inside -----------------
+
+READ_CA_FILES = r"""
+cd "$JAIL_CA_DIR" && find . -type f | sort | while read -r f; do
+  if cat "$f" >/dev/null 2>&1; then echo "$f=yes"; else echo "$f=no"; fi
+done
+"""
+
+
+def ca_readable(result: subprocess.CompletedProcess) -> dict[str, bool]:
+    assert result.returncode == 0, result.stderr
+    return {name[2:]: value == "yes" for name, value in (line.split("=") for line in result.stdout.split())}
+
+
+def assert_only_public_ca_files_readable(seen: dict[str, bool]) -> None:
+    public = {name for name in seen if name.startswith(("trust/", "mitmproxy-ca-cert."))}
+    assert {"mitmproxy-ca.pem", "mitmproxy-ca.p12", "mitmproxy-ca.der"} <= set(seen) - public, seen
+    assert {name for name, readable in seen.items() if readable} == public, seen
+    assert "trust/ca-bundle.pem" in public and "mitmproxy-ca-cert.pem" in public
+
+
+@pytestmark_linux
+@pytest.mark.parametrize("mode", MODES)
+def test_no_private_key_file_of_the_ca_is_readable(run_jail, workspace, tmp_path: Path, mode: list[str]) -> None:
+    from jail.proxy.ca import CertificateAuthority
+
+    proj, _, _, env = workspace
+    ca = CertificateAuthority.ensure(tmp_path / "ca")
+    # Any form of the key mitmproxy may write (DER here), not only the ones it writes today.
+    (ca.directory / "mitmproxy-ca.der").write_bytes(b"0\x82 DER KEY")
+    env = dict(env, JAIL_CA_DIR=str(ca.directory))
+    assert_only_public_ca_files_readable(
+        ca_readable(run_jail(*mode, "--js", "true", "--", "sh", "-c", READ_CA_FILES, cwd=proj, env=env))
+    )
+
+
+# --- the rule's own files: read-only inside the jail wherever they lie ---------------------------------
+
+RULE_FILES = {
+    "js_file": ("rules.js", "r.path === '/never'", ["--js-file", "rules.js"]),
+    "policy": ("rules.toml", 'default = "deny"\n', ["--policy", "rules.toml"]),
+    "sh": ("rule.sh", "exit 1\n", ["--sh", "sh ./rule.sh"]),
+    "proc": ("rule.py", "import sys\nfor line in sys.stdin:\n    print('false', flush=True)\n", []),
+}
+REWRITE_RULE = r"""
+try() { if sh -c "$1" >/dev/null 2>&1; then echo "$2=yes"; else echo "$2=no"; fi; }
+f=$RULE_FILE
+try "echo true > $f" write
+try "echo '||true' >> $f" append
+try "echo true > new.tmp && mv -f new.tmp $f" rename_over
+try ": > $f" truncate
+try "rm -f $f" delete
+try "chmod 666 $f" chmod
+try "ln -sf /dev/null $f" relink
+try "mv $f moved" move_away
+sleep 1.2
+curl -s -m 10 -o /dev/null -w 'status=%{http_code}\n' "$URL"
+"""
+
+
+def rule_flags(kind: str, python: str) -> tuple[str, str, list[str]]:
+    name, text, flags = RULE_FILES[kind]
+    return name, text, flags or ["--proc", f"{python} {name}"]
+
+
+def assert_rule_survived(result: subprocess.CompletedProcess, path: Path, text: str) -> None:
+    assert result.returncode == 0, result.stderr
+    seen = dict(line.split("=") for line in result.stdout.split())
+    assert seen.pop("status") == "403", result.stdout + result.stderr
+    assert set(seen.values()) == {"no"}, seen
+    assert path.read_text() == text and not path.with_name("moved").exists()
+
+
+@pytestmark_linux
+@pytest.mark.parametrize("kind", sorted(RULE_FILES))
+@pytest.mark.parametrize("mode", MODES)
+def test_the_command_cannot_rewrite_its_rule(run_jail, workspace, http_upstream, mode, kind) -> None:
+    proj, _, _, env = workspace
+    name, text, flags = rule_flags(kind, PYTHON)
+    (proj / name).write_text(text)
+    env = dict(env, RULE_FILE=name, URL=http_upstream.url("/x"))
+    result = run_jail(*mode, *flags, "--", "sh", "-c", REWRITE_RULE, cwd=proj, env=env)
+    assert_rule_survived(result, proj / name, text)
+    assert http_upstream.requests == []
+
+
+# --- the same two, in the rootless jail (as the test user of tests/test_rootless.py) -------------------
+
+rootless_only = pytest.mark.skipif(
+    os.geteuid() != 0 or rootless_unavailable is not None,
+    reason=f"needs root to make the test user (CI has it) and a rootless jail ({rootless_unavailable or 'available'})",
+)
+
+
+@pytestmark_linux
+@rootless_only
+def test_no_private_key_file_of_the_ca_is_readable_rootless(user: RootlessUser) -> None:  # noqa: F811
+    assert user.jail("--js", "true", "--", "true").returncode == 0  # the user's CA exists from here on
+    ca_dir = Path(user.environment()["JAIL_CA_DIR"])
+    planted = ca_dir / "mitmproxy-ca.der"
+    planted.write_bytes(b"0\x82 DER KEY")
+    os.chown(planted, user.uid, user.entry.pw_gid)
+    try:
+        assert_only_public_ca_files_readable(ca_readable(user.jail("--js", "true", "--", "sh", "-c", READ_CA_FILES)))
+    finally:
+        planted.unlink()
+
+
+@pytestmark_linux
+@rootless_only
+@pytest.mark.parametrize("kind", sorted(RULE_FILES))
+def test_the_command_cannot_rewrite_its_rule_rootless(user: RootlessUser, http_upstream, kind: str) -> None:  # noqa: F811
+    name, text, flags = rule_flags(kind, PYTHON)
+    path = user.workspace / name
+    path.write_text(text)
+    os.chown(path, user.uid, user.entry.pw_gid)
+    script = f"RULE_FILE={name} URL={http_upstream.url('/x')}\n{REWRITE_RULE}"
+    try:
+        assert_rule_survived(user.jail(*flags, "--", "sh", "-c", script), path, text)
+        assert http_upstream.requests == []
+    finally:
+        path.unlink(missing_ok=True)
