@@ -291,3 +291,24 @@ def test_child_does_not_inherit_the_corporate_proxy(jail_env: dict[str, str]) ->
         assert "corporate.invalid" not in result.stdout, mode
         assert child["HTTPS_PROXY"].startswith("http://") and "corporate" not in child["HTTPS_PROXY"]
         assert "npm_config_https_proxy" not in child
+
+
+def test_no_proxy_entries() -> None:
+    from jail.proxy.upstream import NoProxy, UpstreamProxies
+
+    bypass = NoProxy.parse(" .corp.example, example.org:8080,10.0.0.0/8, [::1]:99, 192.0.2.7 ")
+    direct = [("corp.example", 443), ("a.b.corp.example", 80), ("example.org", 8080), ("10.9.8.7", 1)]
+    direct += [("::1", 99), ("192.0.2.7", 443)]
+    proxied = [("xcorp.example", 443), ("example.org", 443), ("11.0.0.1", 1), ("::1", 98), ("example.com", 443)]
+    assert all(bypass.matches(host, port) for host, port in direct)
+    assert not any(bypass.matches(host, port) for host, port in proxied)
+    assert NoProxy.parse("*").matches("anything", 1)
+
+    proxies = UpstreamProxies.configure(
+        None, {"https_proxy": "http://a:b%40c@proxy.corp:3128", "HTTP_PROXY": "proxy.corp:8080", "no_proxy": "local"}
+    )
+    https = proxies.route("https", "api.example.com", 443)
+    assert https is not None and (https.address, https.authorization) == (("proxy.corp", 3128), "Basic YTpiQGM=")
+    assert proxies.route("http", "example.com", 80).address == ("proxy.corp", 8080)
+    assert proxies.route("https", "host.local", 443) is None
+    assert not UpstreamProxies.configure(None, {"HTTPS_PROXY": "socks5://proxy:1080"})  # skipped, not fatal

@@ -291,13 +291,21 @@ class PolicyAddon:
 
     def set_listen_addresses(self, addresses: list[tuple[str, int]]) -> None:
         self.own_addresses = {(host, port) for host, port, *_ in addresses}
+        # An upstream proxy that is jail itself (HTTPS_PROXY left pointing at a `jail --server`) would loop.
+        looped = {scheme for scheme, proxy in self.upstream.by_scheme.items() if self._is_own(proxy.host, proxy.port)}
+        if looped:
+            logger.warning("ignoring the upstream proxy for %s: it is jail's own address", ", ".join(looped))
+            routes = {scheme: proxy for scheme, proxy in self.upstream.by_scheme.items() if scheme not in looped}
+            self.upstream = UpstreamProxies(routes, self.upstream.bypass)
 
-    def _is_proxy_itself(self, request: Request) -> bool:
+    def _is_own(self, target: str, target_port: int) -> bool:
         return any(
-            request.port == port
-            and (request.host == host or request.host in LOOPBACK_NAMES or host in ("0.0.0.0", "::"))
+            target_port == port and (target == host or target in LOOPBACK_NAMES or host in ("0.0.0.0", "::"))
             for host, port in self.own_addresses
         )
+
+    def _is_proxy_itself(self, request: Request) -> bool:
+        return self._is_own(request.host, request.port)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         started = time.time()

@@ -161,7 +161,7 @@ class UpstreamProxies:
             try:
                 by_scheme[scheme] = ProxyServer.parse(environ[name])
             except ValueError as exc:
-                logger.warning("jail: ignoring %s: %s", name, exc)
+                logger.warning("ignoring %s: %s", name, exc)
         return cls(by_scheme, bypass)
 
 
