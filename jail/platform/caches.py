@@ -192,13 +192,15 @@ def _private_folder(layer: str, index: int, name: str, like: os.stat_result | No
     path = os.path.join(layer, str(index), name)
     os.makedirs(path, 0o700)
     if like is not None:
-        if os.geteuid() == 0:
+        if os.geteuid() == 0 and like.st_uid != OVERFLOW_ID:
             os.chown(path, like.st_uid, like.st_gid)
         os.chmod(path, like.st_mode & 0o7777)
     return path
 
 
 MS_BIND = 4096
+# The owner a user namespace shows for ids it does not map: it cannot be given to a new file.
+OVERFLOW_ID = 65534
 
 
 def show_caches(caches: tuple[str, ...], layer: str | None, keep: bool, namespace: bool) -> list[str]:
@@ -213,25 +215,31 @@ def show_caches(caches: tuple[str, ...], layer: str | None, keep: bool, namespac
     if not namespace:
         return _relocate(present, layer)
     options = "" if _in_initial_user_namespace() else ",userxattr"
+    shown: list[str] = []
     refused = 0
     for index, path in enumerate(present):
-        lower = os.stat(path)
-        upper = _private_folder(layer, index, "upper", lower)
-        work = _private_folder(layer, index, "work")
-        data = f"lowerdir={_escape(path)},upperdir={_escape(upper)},workdir={_escape(work)}{options}"
-        refused = refused or _mount("overlay", path, "overlay", 0, data)
-        if refused:
-            # One refusal is the kernel's answer for all: the rest get a private empty folder too.
-            empty = _private_folder(layer, index, "empty", lower)
-            if error := _mount(empty, path, None, MS_BIND, None):
-                raise OSError(error, f"bind mount over the cache {path}: {os.strerror(error)}")
+        try:
+            lower = os.stat(path)
+            if not refused:
+                upper = _private_folder(layer, index, "upper", lower)
+                work = _private_folder(layer, index, "work")
+                data = f"lowerdir={_escape(path)},upperdir={_escape(upper)},workdir={_escape(work)}{options}"
+                refused = _mount("overlay", path, "overlay", 0, data)
+            if refused:
+                # The kernel's answer for one is its answer for all: the rest get a private empty folder too.
+                bind_error = _mount(_private_folder(layer, index, "empty", lower), path, None, MS_BIND, None)
+                if bind_error:
+                    raise OSError(bind_error, os.strerror(bind_error))
+            shown.append(path)
+        except OSError as exc:  # left read-only, as without jail's help
+            print(f"jail: caches: {path} stays read-only: {exc.strerror}", file=sys.stderr)
     if refused:
         print(
             f"jail: caches: the kernel refused a copy-on-write overlay ({os.strerror(refused)}); package caches"
             " start empty and private to this run",
             file=sys.stderr,
         )
-    return present
+    return shown
 
 
 def _relocate(caches: list[str], layer: str) -> list[str]:
