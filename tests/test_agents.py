@@ -65,7 +65,7 @@ class Agent:
     state_folder: str
     transcripts: str  # glob under HOME: the files that record a conversation
     written: str  # a state file (under HOME) the first run must fill: more than an empty `{}`
-    home_entries: frozenset[str]  # what the agent may add to HOME's top level
+    home_entries: frozenset[str]  # where in HOME (top level) the agent may add files
     settings: dict[str, str] = field(default_factory=dict)  # files under HOME its user has before any run
 
     def argv(self, bin_dir: Path, prompt: str, follow_up: bool) -> list[str]:
@@ -135,7 +135,7 @@ AGENTS = {
         state_folder=".gemini",
         transcripts=".gemini/tmp/*/chats/session-*.jsonl",
         written=".gemini/projects.json",
-        home_entries=frozenset(),
+        home_entries=frozenset({".gemini"}),
         # Gemini takes its auth type only from a user (or system) settings file, not the workspace's: the file
         # it writes itself when its user picks "Gemini API key".
         settings={".gemini/settings.json": json.dumps({"security": {"auth": {"selectedType": "gemini-api-key"}}})},
@@ -213,8 +213,9 @@ def make_home(home: Path, owner: tuple[int, int] | None, settings: dict[str, str
 
 
 def snapshot(home: Path) -> dict[str, str]:
-    """Top-level entries of HOME and the content of the files an agent must never change."""
-    taken = {entry.name: "" for entry in home.iterdir()}
+    """Every file in HOME but the project's, with the content of those an agent must never change."""
+    taken = {str(path.relative_to(home)): "" for path in home.rglob("*") if not path.is_dir()}
+    taken = {name: "" for name in taken if not name.startswith("project/")}
     for name in (".bashrc", ".profile", ".gitconfig", ".ssh/id_rsa"):
         taken[name] = (home / name).read_text()
     return taken
@@ -352,6 +353,8 @@ def test_agent_completes_a_turn_keeps_its_state_and_is_refused_when_denied(sessi
     assert denied.returncode != 0 and "jail: blocked" in denied.stdout + denied.stderr, _said(denied)
 
     after = snapshot(session.home)
-    added = set(after) - set(before)
-    assert added <= session.agent.home_entries, f"the agent added {sorted(added)} to HOME"
-    assert {k: after[k] for k in before} == before, "a protected file in HOME changed"
+    elsewhere = sorted(
+        name for name in set(after) - set(before) if name.split("/")[0] not in session.agent.home_entries
+    )
+    assert elsewhere == [], f"files outside the agent's state in HOME: {elsewhere}"
+    assert {name: after.get(name) for name in before} == before, "a file in HOME changed or went"
