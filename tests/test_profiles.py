@@ -306,3 +306,24 @@ def test_missing_state_is_made_by_the_user_so_a_planted_link_cannot_steer_root(u
         assert (home / ".claude.json").read_text() == "{}\n"  # an existing file is never replaced
     finally:
         subprocess.run(["rm", "-rf", str(link), str(home / ".gemini"), str(home / ".claude.json")], check=False)
+
+
+def test_explain_lists_the_rule_files_and_whether_they_are_protected(jail_env, tmp_path: Path) -> None:
+    (tmp_path / "rules.js").write_text("true")
+
+    def explain(*args: str) -> str:
+        done = subprocess.run(
+            jail_argv("--explain", "--js-file", "rules.js", *args, "--", "true"),
+            cwd=tmp_path,
+            env=jail_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return done.stdout
+
+    assert (
+        f"rule files, read-only inside the jail (the command cannot rewrite its rule): {tmp_path}/rules.js" in explain()
+    )
+    assert "always read-only: " in explain() and f"{tmp_path}/rules.js" in explain().split("always read-only: ")[1]
+    assert "rule files (writable by the command" in explain("--no-fs-restrictions")

@@ -10,10 +10,7 @@ profile: it receives plain paths.
 from __future__ import annotations
 
 import os
-import shutil
-import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from jail.model import JailError
@@ -91,7 +88,9 @@ def load(name: str) -> Profile:
     """The profile NAME; raises JailError naming the known profiles when there is none."""
     if name not in names():
         raise JailError(f"no agent profile {name!r}; known profiles: {', '.join(names())}")
-    source = _folder().joinpath(f"{name}.toml")
+    import tomllib  # here: jail starts without it when no profile is loaded
+
+    source = _folder() / f"{name}.toml"
     try:
         document = tomllib.loads(source.read_text(encoding="utf-8"))
         return _parse(name, document)
@@ -105,15 +104,22 @@ def all_profiles() -> list[Profile]:
     return [load(name) for name in names()]
 
 
-def detect(argv: list[str], which=shutil.which) -> Profile | None:
+def detect(argv: list[str], which=None) -> Profile | None:
     """The profile of the agent ARGV runs, told from its name, the npm package a wrapper (npx, npm exec,
     node SCRIPT) runs, or where the command's file really lies (a link into node_modules/PACKAGE)."""
     argv = _without_env_prefix(argv)
     if not argv:
         return None
-    profiles = all_profiles()
+    if which is None:
+        from shutil import which
     program = os.path.basename(argv[0])
-    for candidate in (_by_command(profiles, program), _by_location(profiles, argv[0], which)):
+    found = which(argv[0]) if "/" not in argv[0] else argv[0]
+    location = os.path.realpath(found) if found else ""
+    wrapper = program in PACKAGE_RUNNERS or program in RUNNER_SUBCOMMANDS or program in INTERPRETERS
+    if not wrapper and program not in names() and "/node_modules/" not in location:
+        return None  # the common case, told without parsing a profile (each file is named after its command)
+    profiles = all_profiles()
+    for candidate in (_by_command(profiles, program), _by_path(profiles, location)):
         if candidate is not None:
             return candidate
     if program in PACKAGE_RUNNERS:
@@ -132,8 +138,8 @@ def detect(argv: list[str], which=shutil.which) -> Profile | None:
     return None
 
 
-def _folder():
-    return resources.files(__name__)
+def _folder() -> Path:
+    return Path(__file__).parent  # shipped as package data (pyproject: [tool.setuptools.package-data])
 
 
 def _parse(name: str, document: dict) -> Profile:
@@ -178,11 +184,6 @@ def _without_env_prefix(argv: list[str]) -> list[str]:
 
 def _by_command(profiles: list[Profile], program: str) -> Profile | None:
     return next((p for p in profiles if program in p.commands), None)
-
-
-def _by_location(profiles: list[Profile], program: str, which) -> Profile | None:
-    found = which(program) if "/" not in program else program
-    return _by_path(profiles, os.path.realpath(found)) if found else None
 
 
 def _by_path(profiles: list[Profile], path: str) -> Profile | None:
