@@ -235,6 +235,9 @@ class ProxyEndpoint:
     port: int
     ca_cert: Path
     ca_bundle: Path
+    # Files the child must never get (the CA's private key in every form): a backend that mounts
+    # paths into the child refuses any mount that would include one of them.
+    private_files: tuple[Path, ...] = ()
 
     @property
     def address(self) -> str:

@@ -181,7 +181,7 @@ class Session:
     def _endpoint(self, listeners: Listeners) -> ProxyEndpoint:
         self.stack.callback(listeners.close)
         host, port, *_ = listeners.regular.getsockname()
-        return ProxyEndpoint(host, port, self.ca.trust_cert_path, self.ca.bundle_path)
+        return ProxyEndpoint(host, port, self.ca.trust_cert_path, self.ca.bundle_path, tuple(self.ca.private_files()))
 
     async def _run_server(self) -> int:
         listeners = Listeners(listening_socket(*self.config.listen))

@@ -374,9 +374,15 @@ def test_refused_run_options_give_one_clear_line(docker_jail, docker_client, arg
     assert not any(n.name.startswith("jail-") for n in docker_client.networks.list())
 
 
-def test_the_ca_key_cannot_be_mounted(docker_jail, ca_dir):
-    result = docker_jail("--js", "true", docker=["-v", f"{ca_dir}:/ca", IMAGE, "true"])
+@pytest.mark.parametrize("source", ["", "mitmproxy-ca.pem", "mitmproxy-ca.p12"])
+def test_the_ca_key_cannot_be_mounted(docker_jail, ca_dir, source):
+    result = docker_jail("--js", "true", docker=["-v", f"{ca_dir / source}:/ca", IMAGE, "true"])
     assert result.returncode == 125 and "CA key" in result.stderr
+
+
+def test_the_ca_certificate_alone_can_be_mounted(docker_jail, ca_dir):
+    result = docker_jail("--js", "true", docker=["-v", f"{ca_dir / 'trust'}:/ca:ro", IMAGE, "true"])
+    assert result.returncode == 0, result.stderr
 
 
 def test_exit_codes_propagate(docker_jail):

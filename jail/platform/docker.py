@@ -459,13 +459,14 @@ class DockerBackend:
     def _check_ca_not_mounted(self, spec: RunSpec) -> None:
         """jail's CA key must never reach the container, not even through the user's own `-v`."""
         assert self.proxy is not None
-        key_dir = os.path.realpath(self.proxy.ca_cert.parent)
+        keys = [os.path.realpath(path) for path in self.proxy.private_files]
         for volume in spec.volumes:
             source = volume.split(":", 1)[0]
             if ":" in volume and source.startswith(("/", ".", "~")):
                 path = os.path.realpath(os.path.expanduser(source))
-                if key_dir == path or key_dir.startswith(path.rstrip("/") + "/"):
-                    raise _refuse(f"-v {volume}", f"it gives the container jail's CA key ({key_dir})")
+                for key in keys:
+                    if key == path or key.startswith(path.rstrip("/") + "/"):
+                        raise _refuse(f"-v {volume}", f"it gives the container jail's CA key ({key})")
 
     async def teardown(self) -> None:
         if self.client is not None:

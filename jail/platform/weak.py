@@ -28,9 +28,9 @@ def proxy_environment(base: dict[str, str], proxy: ProxyEndpoint, jail_id: str) 
     env = dict(base)
     for name in PROXY_VARIABLES:
         env[name] = env[name.lower()] = proxy.url
-    existing = [entry.strip() for entry in (base.get("NO_PROXY") or base.get("no_proxy") or "").split(",")]
-    no_proxy = [entry for entry in existing if entry] + [n for n in NO_PROXY_ALWAYS if n not in existing]
-    env["NO_PROXY"] = env["no_proxy"] = ",".join(no_proxy)
+    # Only loopback goes around jail: a host in the caller's NO_PROXY (a corporate one, say) would be reached
+    # unjudged. jail itself honours that NO_PROXY when it picks the route upstream.
+    env["NO_PROXY"] = env["no_proxy"] = ",".join(NO_PROXY_ALWAYS)
     for name in CA_BUNDLE_VARIABLES:
         env[name] = str(proxy.ca_bundle)
     # Node adds this to its built-in list, so the CA certificate alone is enough there.
