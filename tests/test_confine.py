@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jail.platform import confine
+from jail.platform import confine, remove_dirs_of
 from jail.platform.confine import (
     READ,
     READ_DIR,
@@ -164,6 +164,7 @@ def test_confine_command_places_the_launcher() -> None:
     assert confine_command(policy, FakeBackend("docker", ["docker"]), ["c"]) == ["docker", "c"]
     assert confine_command(None, FakeBackend("weak", []), ["c"]) == ["c"]
     assert confine_argv(FsPolicy(enabled=False), ["c"]) == ["c"]
+    remove_dirs_of(FakeBackend.jail_id)  # the private temp dirs made above
 
 
 def test_launcher_starts_fast_without_heavy_imports() -> None:

@@ -197,13 +197,22 @@ def outcomes(result: subprocess.CompletedProcess) -> dict[str, bool]:
     return {name: value == "yes" for name, value in (line.split("=") for line in result.stdout.split())}
 
 
-def assert_claude_state(home: Path, uid: int) -> None:
+def assert_claude_state(home: Path, uid: int, bashrc: str = "# rc\n") -> None:
     folder, settings = home / ".claude", home / ".claude.json"
     assert (folder.stat().st_uid, stat.S_IMODE(folder.stat().st_mode)) == (uid, 0o700)
     assert (settings.stat().st_uid, stat.S_IMODE(settings.stat().st_mode)) == (uid, 0o600)
     assert json.loads(settings.read_text()) == {"k": 1}  # rewritten in place from inside
-    assert (home / ".bashrc").read_text() == "# rc\n"
+    assert (home / ".bashrc").read_text() == bashrc
     assert not (home / "planted").exists() and not (home / ".codex").exists()
+
+
+def user_bashrc(user: RootlessUser) -> str:  # noqa: F811
+    """The test user's ~/.bashrc (made if /etc/skel gave none): what must come out of the jail unchanged."""
+    bashrc = Path(user.entry.pw_dir) / ".bashrc"
+    if not bashrc.exists():
+        bashrc.write_text("# rc\n")
+        os.chown(bashrc, user.uid, user.entry.pw_gid)
+    return bashrc.read_text()
 
 
 def profile_env(jail_env: dict[str, str], home: Path) -> dict[str, str]:
@@ -256,8 +265,8 @@ def test_a_profile_told_from_the_command_opens_its_folder_and_no_profile_does_no
 @needs_rootless
 def test_strong_mode_makes_the_state_as_the_sudo_user(jail_env, user: RootlessUser) -> None:  # noqa: F811
     home = Path(user.entry.pw_dir)
-    made = [home / ".claude", home / ".claude.json", home / ".bashrc"]
-    (home / ".bashrc").write_text("# rc\n")
+    made = [home / ".claude", home / ".claude.json"]
+    bashrc = user_bashrc(user)
     assert user.run(["git", "init", "-q", "."]).returncode == 0
     env = dict(profile_env(jail_env, home), SUDO_UID=str(user.uid), SUDO_GID=str(user.entry.pw_gid))
     try:
@@ -266,7 +275,7 @@ def test_strong_mode_makes_the_state_as_the_sudo_user(jail_env, user: RootlessUs
         )
         seen = outcomes(result)
         assert {name for name, ok in seen.items() if ok} == OPENED, seen
-        assert_claude_state(home, user.uid)
+        assert_claude_state(home, user.uid, bashrc)
     finally:
         subprocess.run(["rm", "-rf", *map(str, made), str(user.workspace / ".git")], check=False)
 
@@ -276,14 +285,13 @@ def test_strong_mode_makes_the_state_as_the_sudo_user(jail_env, user: RootlessUs
 @needs_rootless
 def test_rootless_profile_opens_its_state_and_nothing_else(user: RootlessUser) -> None:  # noqa: F811
     home = Path(user.entry.pw_dir)
-    made = [home / ".claude", home / ".claude.json", home / ".bashrc"]
-    (home / ".bashrc").write_text("# rc\n")
-    os.chown(home / ".bashrc", user.uid, user.entry.pw_gid)
+    made = [home / ".claude", home / ".claude.json"]
+    bashrc = user_bashrc(user)
     assert user.run(["git", "init", "-q", "."]).returncode == 0
     try:
         seen = outcomes(user.jail(*CLAUDE))
         assert {name for name, ok in seen.items() if ok} == OPENED, seen
-        assert_claude_state(home, user.uid)
+        assert_claude_state(home, user.uid, bashrc)
     finally:
         subprocess.run(["rm", "-rf", *map(str, made), str(user.workspace / ".git")], check=False)
 
