@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -142,6 +142,18 @@ AGENTS = {
     ),
 }
 
+# Claude Code at its real API's name (mapped to a mock for the test's duration), with no base URL: what
+# its profile's host list is for.
+REAL_NAMES = {
+    "claude-at-api.anthropic.com": replace(
+        AGENTS["claude"],
+        host="api.anthropic.com",
+        address="127.0.0.6",
+        environment={"ANTHROPIC_API_KEY": "sk-ant-mock"},
+    )
+}
+REGISTRIES_POLICY = Path(__file__).resolve().parents[1] / "policies" / "registries.toml"
+
 
 @pytest.fixture(scope="session")
 def agents_bin() -> Path:
@@ -166,11 +178,11 @@ def mock_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path]
 def mocks(mock_ca: tuple[trustme.CA, Path]) -> Iterator[dict[str, MockAPI]]:
     """The three model APIs on port 443 of their own loopback addresses, by name (outside NO_PROXY)."""
     ca, _ = mock_ca
-    lines = [f"{agent.address} {agent.host}" for agent in AGENTS.values()]
+    lines = [f"{agent.address} {agent.host}" for agent in (AGENTS | REAL_NAMES).values()]
     started: dict[str, MockAPI] = {}
     _add_hosts(lines)
     try:
-        for name, agent in AGENTS.items():
+        for name, agent in (AGENTS | REAL_NAMES).items():
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ca.issue_cert(agent.host).configure_cert(context)
             started[name] = start_mock(agent.dialect(), agent.address, agent.host, context)
@@ -231,11 +243,6 @@ class Mode:
     base: Path
 
 
-def _jail_args(mode: str, agent: Agent, rule: str, upstream_ca: Path) -> list[str]:
-    flags = ["--weak"] if mode == "weak" else []
-    return [*flags, "--upstream-ca", str(upstream_ca), "--allow-private", f"{agent.address}/32", "--js", rule]
-
-
 @pytest.fixture(scope="module")
 def root_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("agents")
@@ -288,10 +295,14 @@ class Session:
     bin_dir: Path
     upstream_ca: Path
 
-    def jail(self, prompt: str, *, follow_up: bool = False, allowed: bool = True) -> subprocess.CompletedProcess:
-        rule = f"r.host === '{self.agent.host}'" if allowed else "r.host === 'nothing-is-allowed.test'"
-        argv = [sys.executable, "-m", "jail", *_jail_args(self.mode.name, self.agent, rule, self.upstream_ca)]
-        argv += ["--", *self.agent.argv(self.bin_dir, prompt, follow_up)]
+    def jail(
+        self, prompt: str, *, follow_up: bool = False, rule: list[str] | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run the agent jailed; the rule allows only its model API unless RULE (flags) says otherwise."""
+        flags = ["--weak"] if self.mode.name == "weak" else []
+        flags += ["--upstream-ca", str(self.upstream_ca), "--allow-private", f"{self.agent.address}/32"]
+        flags += rule if rule is not None else ["--js", f"r.host === '{self.agent.host}'"]
+        argv = [sys.executable, "-m", "jail", *flags, "--", *self.agent.argv(self.bin_dir, prompt, follow_up)]
         env = {**BASE_ENV, "HOME": str(self.home), "JAIL_CA_DIR": str(self.home.parent / "jail-ca")}
         env.update(self.agent.environment)
         return self.mode.run(argv, env, self.project)
@@ -305,7 +316,7 @@ class Session:
 
 @pytest.fixture
 def session(request: pytest.FixtureRequest, mode: Mode, mocks, agents_bin: Path, mock_ca) -> Iterator[Session]:
-    agent = AGENTS[request.param]
+    agent = (AGENTS | REAL_NAMES)[request.param]
     base = Path(tempfile.mkdtemp(prefix=f"{agent.command}-{mode.name}-", dir=mode.base))
     base.chmod(0o755)
     home = base / "home"
@@ -315,7 +326,9 @@ def session(request: pytest.FixtureRequest, mode: Mode, mocks, agents_bin: Path,
     upstream_ca = base / "mock-ca.pem"
     shutil.copy(mock_ca[1], upstream_ca)
     upstream_ca.chmod(0o644)
-    yield Session(agent, mode, home, project, mocks[agent.command], agents_bin, upstream_ca)
+    mock = mocks[request.param]
+    mock.requests.clear()
+    yield Session(agent, mode, home, project, mock, agents_bin, upstream_ca)
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -347,7 +360,7 @@ def test_agent_completes_a_turn_keeps_its_state_and_is_refused_when_denied(sessi
     assert set(transcripts) <= set(session.transcripts()) and session.recorded() > recorded, _said(second)
 
     seen = len(session.mock.requests)
-    denied = session.jail(FIRST_PROMPT, allowed=False)
+    denied = session.jail(FIRST_PROMPT, rule=["--js", "r.host === 'nothing-is-allowed.test'"])
     assert session.mock.requests[seen:] == [], "a denied request reached the model API"
     # Each agent prints the proxy's one-line reason (`jail: blocked POST https://...`) and fails the turn.
     assert denied.returncode != 0 and "jail: blocked" in denied.stdout + denied.stderr, _said(denied)
@@ -358,3 +371,17 @@ def test_agent_completes_a_turn_keeps_its_state_and_is_refused_when_denied(sessi
     )
     assert elsewhere == [], f"files outside the agent's state in HOME: {elsewhere}"
     assert {name: after.get(name) for name in before} == before, "a file in HOME changed or went"
+
+
+@pytest.mark.parametrize("session", list(REAL_NAMES), indirect=True)
+def test_profile_named_with_profile_allows_its_model_api_and_only_then(session: Session) -> None:
+    """`jail --profile claude --policy policies/registries.toml -- claude` works with no rule for the model
+    API; the profile told from the command name alone never widens the rule."""
+    policy = ["--policy", str(REGISTRIES_POLICY)]
+    refused = session.jail(FIRST_PROMPT, rule=policy)
+    assert refused.returncode != 0 and "jail: blocked" in refused.stdout + refused.stderr, _said(refused)
+    assert session.mock.requests == [], "the profile told from the command name opened its hosts"
+
+    allowed = session.jail(FIRST_PROMPT, rule=["--profile", "claude", *policy])
+    assert allowed.returncode == 0 and ANSWER in allowed.stdout, _said(allowed)
+    assert {r["host"] for r in session.mock.requests} == {session.agent.host}
