@@ -22,7 +22,6 @@ from jail.platform import (
     remove_orphan_dirs,
     select_backend,
 )
-from jail.platform.caches import remove_layers
 from jail.platform.confine import FsPolicy, command_owner, confine_command, create_missing
 from jail.platform.process import Child, ChildError
 from jail.policies import HostGrant, Judge, RuleSpec, build_engine
@@ -144,7 +143,6 @@ class Session:
         self.workdir = make_workdir(self.jail_id)
         # This one and every other temp dir of the run (the backend's, the command's private temp dir).
         self.stack.callback(remove_dirs_of, self.jail_id)
-        self.stack.callback(remove_layers, self.jail_id)  # first: its read-only folders need a chmod
         # What the host trusts and which proxy it uses: read from jail's own environment, before the child's is made.
         self.trust = TrustSources.gather(self.config.upstream_ca)
         self.upstream = UpstreamProxies.configure(self.config.upstream_proxy)

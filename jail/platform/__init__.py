@@ -189,7 +189,13 @@ def make_workdir(jail_id: str) -> Path:
 
 
 def remove_dirs_of(jail_id: str) -> None:
+    """Every temp dir of the run, read-only folders included (Go makes its module folders 0555 in a cache
+    layer, overlayfs its work folder 000): a non-root jail could not empty them otherwise."""
     for leftover in Path(tempfile.gettempdir()).glob(f"jail-{jail_id}-*"):
+        for folder, subfolders, _ in os.walk(leftover):
+            for name in subfolders:
+                with contextlib.suppress(OSError):
+                    os.chmod(os.path.join(folder, name), 0o700, follow_symlinks=False)
         shutil.rmtree(leftover, ignore_errors=True)
 
 

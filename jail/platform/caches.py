@@ -118,22 +118,6 @@ def make_layer(jail_id: str) -> str:
     return tempfile.mkdtemp(prefix=f"jail-{jail_id}-caches-")
 
 
-def remove_layers(jail_id: str) -> None:
-    """Remove the run's cache layers, read-only folders included (Go makes its module folders 0555, and
-    overlayfs its work folder 000): a non-root jail could not empty them otherwise."""
-    import contextlib
-    import glob
-    import shutil
-    import tempfile
-
-    for layer in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), f"jail-{jail_id}-caches-*")):
-        for folder, subfolders, _ in os.walk(layer):
-            for name in subfolders:
-                with contextlib.suppress(OSError):
-                    os.chmod(os.path.join(folder, name), 0o700, follow_symlinks=False)
-        shutil.rmtree(layer, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Showing them (in the launcher)
 
