@@ -176,7 +176,7 @@ def mock_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path]
 
 @pytest.fixture(scope="module")
 def mocks(mock_ca: tuple[trustme.CA, Path]) -> Iterator[dict[str, MockAPI]]:
-    """The three model APIs on port 443 of their own loopback addresses, by name (outside NO_PROXY)."""
+    """The model APIs on port 443 of their own loopback addresses, by name (outside NO_PROXY)."""
     ca, _ = mock_ca
     lines = [f"{agent.address} {agent.host}" for agent in (AGENTS | REAL_NAMES).values()]
     started: dict[str, MockAPI] = {}
