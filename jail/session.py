@@ -22,6 +22,7 @@ from jail.platform import (
     remove_orphan_dirs,
     select_backend,
 )
+from jail.platform.caches import remove_empty_made_folders
 from jail.platform.confine import FsPolicy, command_owner, confine_command, create_missing
 from jail.platform.process import Child, ChildError
 from jail.policies import HostGrant, Judge, RuleSpec, build_engine
@@ -143,6 +144,8 @@ class Session:
         self.workdir = make_workdir(self.jail_id)
         # This one and every other temp dir of the run (the backend's, the command's private temp dir).
         self.stack.callback(remove_dirs_of, self.jail_id)
+        # Before the dirs go (callbacks run last-in first): the list of cache folders made for the run is there.
+        self.stack.callback(remove_empty_made_folders, self.jail_id)
         # What the host trusts and which proxy it uses: read from jail's own environment, before the child's is made.
         self.trust = TrustSources.gather(self.config.upstream_ca)
         self.upstream = UpstreamProxies.configure(self.config.upstream_proxy)

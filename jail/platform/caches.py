@@ -152,8 +152,9 @@ def _in_initial_user_namespace() -> bool:
         return False
 
 
-def _make_missing(path: str) -> bool:
-    """Make PATH and its missing parents, each owned like the folder it is made in; False if it cannot."""
+def _make_missing(path: str, made: list[str]) -> bool:
+    """Make PATH and its missing parents, each owned like the folder it is made in (each one made is added
+    to MADE); False if it cannot."""
     missing = []
     parent = path
     while not os.path.lexists(parent):
@@ -163,11 +164,40 @@ def _make_missing(path: str) -> bool:
         owner = os.stat(parent)
         for folder in reversed(missing):
             os.mkdir(folder, 0o700)
+            made.append(folder)
             if os.geteuid() == 0:
                 os.chown(folder, owner.st_uid, owner.st_gid)
         return os.path.isdir(path)
     except OSError:
         return False
+
+
+# In the run's layer: the cache folders the launcher made, so that jail removes those still empty at the end.
+MADE_LIST = "made-folders"
+
+
+def _remember_made(layer: str | None, made: list[str]) -> None:
+    if layer is not None and made:
+        with open(os.path.join(layer, MADE_LIST), "a") as handle:
+            handle.writelines(folder + "\0" for folder in made)
+
+
+def remove_empty_made_folders(jail_id: str) -> None:
+    """Leave HOME as the run found it: the cache folders made only to lay an overlay on, still empty once
+    the run is over (nothing was written through), are removed, deepest first."""
+    import contextlib
+    import glob
+    import tempfile
+
+    for layer in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), f"jail-{jail_id}-caches-*")):
+        try:
+            with open(os.path.join(layer, MADE_LIST)) as handle:
+                made = [folder for folder in handle.read().split("\0") if folder]
+        except OSError:
+            continue
+        for folder in sorted(made, key=lambda path: path.count("/"), reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only ever an empty folder
 
 
 def _private_folder(layer: str, index: int, name: str, like: os.stat_result | None = None) -> str:
@@ -190,9 +220,11 @@ OVERFLOW_ID = 65534
 def show_caches(caches: tuple[str, ...], layer: str | None, keep: bool, namespace: bool) -> list[str]:
     """Make each cache writable for the command, copy-on-write unless KEEP; returns the folders to give
     write rights to. NAMESPACE: the launcher is in a private mount namespace."""
-    present = [path for path in caches if os.path.isdir(path) or _make_missing(path)]
+    made: list[str] = []
+    present = [path for path in caches if os.path.isdir(path) or _make_missing(path, made)]
     if keep or not present:
-        return present
+        return present  # written through: what the run put in a new folder stays, and so does the folder
+    _remember_made(layer, made)
     if layer is None:
         print("jail: caches: no private layer for this run; the caches stay read-only", file=sys.stderr)
         return []
