@@ -294,6 +294,20 @@ def test_nothing_is_left_after_exit_or_after_sigkill(user):
     assert user.leftover_dirs() == []
 
 
+def test_apparmors_restriction_is_tried_not_trusted(monkeypatch, tmp_path):
+    # Ubuntu 24.04 restricts user namespaces unless a profile allows them for unshare: on this machine
+    # (no AppArmor) the stand-in switch is on, yet unshare's namespace is capable, so the rootless mode stays.
+    switch = tmp_path / "apparmor_restrict_unprivileged_userns"
+    switch.write_text("1\n")
+    monkeypatch.setattr(rootless, "USERNS_SWITCHES", {str(switch): "1"})
+    monkeypatch.setattr(rootless, "APPARMOR_RESTRICTION", str(switch))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert rootless_unavailable() is None
+    # A namespace in which unshare's root may not mount is what the restriction makes: then it is refused.
+    monkeypatch.setattr(rootless, "_unshare_is_capable", lambda: False)
+    assert "apparmor_restrict_unprivileged_userns is 1" in rootless_unavailable()
+
+
 def test_without_user_namespaces_it_refuses_unless_weak_is_allowed(monkeypatch, tmp_path, capsys):
     # The machine's switch cannot be flipped from a test (and should not be): one of its stand-ins is.
     switch = tmp_path / "max_user_namespaces"
@@ -435,3 +449,22 @@ def test_unix_socket_outside_is_refused_unless_allowed(user):
         server.close()
         watcher.join()
         path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("mode", [(), ("--weak",)], ids=["rootless", "weak"])
+def test_secret_value_is_not_readable_from_jails_processes_as_a_user(user, mode):
+    from tests.test_secrets import REAL, probe_for
+
+    flags = (*mode, "--secret", "API_TOKEN=api.example.com", "--js", "true", "--")
+    process = subprocess.run(
+        [RUNUSER, "-u", USER, "--", *user.jail_argv(*flags, *probe_for(REAL))],
+        env={**user.environment(), "API_TOKEN": REAL},
+        cwd=user.workspace,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert process.returncode == 0, process.stderr
+    seen = json.loads(process.stdout)
+    assert seen["found"] == [], seen
+    assert seen["examined"] >= 2, seen

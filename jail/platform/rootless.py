@@ -43,10 +43,11 @@ HOLDER_START_SECONDS = 10.0
 NFT_PROBE_SECONDS = 5.0
 # /proc/sys switches that turn unprivileged user namespaces off, and the value that means off.
 MAX_USER_NAMESPACES = "/proc/sys/user/max_user_namespaces"
+APPARMOR_RESTRICTION = "/proc/sys/kernel/apparmor_restrict_unprivileged_userns"
 USERNS_SWITCHES = {
     MAX_USER_NAMESPACES: "0",
     "/proc/sys/kernel/unprivileged_userns_clone": "0",
-    "/proc/sys/kernel/apparmor_restrict_unprivileged_userns": "1",
+    APPARMOR_RESTRICTION: "1",
 }
 
 
@@ -59,14 +60,33 @@ def rootless_unavailable() -> str | None:
         if os.geteuid() == 0 and switch != MAX_USER_NAMESPACES:
             continue
         try:
-            if Path(switch).read_text().strip() == off:
-                return f"unprivileged user namespaces are disabled ({switch} is {off})"
+            if Path(switch).read_text().strip() != off:
+                continue
         except OSError:
             continue
+        # AppArmor's restriction is lifted per program by a profile (Ubuntu 24.04): only trying tells.
+        if switch != APPARMOR_RESTRICTION or not _unshare_is_capable():
+            return f"unprivileged user namespaces are disabled ({switch} is {off})"
     for tool in TOOLS:
         if shutil.which(tool, path=TOOL_PATH) is None:
             return f"the {tool!r} command is missing (install the util-linux package)"
     return None
+
+
+@functools.cache
+def _unshare_is_capable() -> bool:
+    """Whether `unshare` makes a user namespace in which its root may act (mount, as the holder must):
+    under AppArmor's restriction the namespace is made, but without any capability, unless a profile
+    allows `userns` for unshare."""
+    unshare = shutil.which("unshare", path=TOOL_PATH)
+    mount = shutil.which("mount", path=TOOL_PATH)
+    if unshare is None or mount is None:
+        return False
+    probe = [unshare, "--user", "--map-root-user", "--net", "--mount", "--", mount, "-t", "tmpfs", "jail-probe", "/"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=NFT_PROBE_SECONDS, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 @functools.cache
