@@ -8,6 +8,11 @@ only for such a request, and a denied one never reaches it.
 
 A request that fails upstream (no such name, refused, timed out, TLS verification) is answered with a
 one-line text/plain 502 that says why, and its audit record carries an `upstream_*` reason code.
+
+One connection, one authority: a request inside a tunnel (or a redirected connection) that names another
+server in its absolute URI, Host header or `:authority` is answered 421 before the rule is asked, and
+every forwarded request reaches the origin in origin form with the judged Host, so the origin server is
+never the one to pick between two names.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from mitmproxy.proxy.layers import tls
 from mitmproxy.proxy.mode_specs import TransparentMode
 
 from jail.audit import AuditSink, Outcome
-from jail.model import Decision, Request
+from jail.model import DEFAULT_PORTS, Decision, Request, format_authority, normalize_host
 from jail.proxy.guard import AddressGuard
 from jail.proxy.secrets import Secret, Vault
 from jail.proxy.upstream import ProxyServer, UpstreamProxies
@@ -264,6 +269,48 @@ class Destinations:
 Refusal = tuple[Decision, int, str]
 
 
+def misdirection(flow: http.HTTPFlow, request: Request) -> Refusal | None:
+    """A request that names another authority than the one its connection was opened for (the CONNECT
+    target, or in the isolated modes the TLS SNI / redirected destination), which `request` holds.
+    mitmproxy gives a connection an address only then: a plain proxy request has none, and its absolute
+    URI is its only name. Over redirected plain HTTP the Host header is the name, so it is not compared."""
+    if flow.server_conn.address is None:
+        return None
+    req = flow.request
+    redirected = isinstance(flow.client_conn.proxy_mode, TransparentMode)
+    named: list[tuple[str, str]] = []
+    if req.data.authority:
+        where = ":authority" if req.is_http2 or req.is_http3 else "request URI"
+        named.append((where, req.data.authority.decode("utf-8", "surrogateescape")))
+    if flow.client_conn.tls or not redirected:
+        named += [("Host header", value) for value in req.headers.get_all("host")]
+    opened_by = ("TLS SNI" if flow.client_conn.tls else "redirected destination") if redirected else "CONNECT"
+    for where, value in named:
+        try:
+            host, port = url.parse_authority(value, check=True)
+            host = normalize_host(host)
+        except ValueError:
+            reason = f"the {where} {value!r} is not a host[:port]"
+            return Decision.denied(reason, "malformed_request"), 400, ""
+        port = port or DEFAULT_PORTS.get(request.scheme, 80)
+        if (host, port) != (request.host, request.port):
+            theirs = format_authority(request.scheme, host, port)
+            reason = (
+                f"misdirected: the {where} names {theirs}, but this connection was opened for "
+                f"{request.authority} ({opened_by}); open a connection for {theirs}"
+            )
+            return Decision.denied(reason, "misdirected"), 421, ""
+    return None
+
+
+def send_in_origin_form(req: http.Request, authority: str) -> None:
+    """The judged authority as Host (`:authority` over HTTP/2), and over HTTP/1 an origin-form target
+    (`GET /x`): the request reaches the server with one name only, the judged one."""
+    if not (req.is_http2 or req.is_http3):
+        req.data.authority = b""
+    req.host_header = authority
+
+
 def secret_leak_reason(leaks: list[Secret], request: Request) -> str:
     names = ", ".join(sorted(s.name for s in leaks))
     hosts = ", ".join(sorted({h for s in leaks for h in s.hosts}))
@@ -337,7 +384,7 @@ class PolicyAddon:
             return None, (Decision.denied(str(exc), "bad_request"), 400, "")
         if (problem := ambiguity(flow)) is not None:
             return request, (Decision.denied(problem, "malformed_request"), 400, "")
-        return request, None
+        return request, misdirection(flow, request)
 
     async def _judge(self, flow: http.HTTPFlow, request: Request) -> Refusal | None:
         """Ask the rule, then the checks no rule can waive; on success the flow is pinned to what was judged."""
@@ -398,32 +445,28 @@ class PolicyAddon:
 
     def _pin_destination(self, flow: http.HTTPFlow, request: Request, address: str) -> None:
         """Forward exactly what was judged: to the address the guard checked (never looked up
-        again), on the judged port, with a Host header naming the judged authority and the
-        canonical path the rule saw."""
+        again), on the judged port, in origin form with a Host header naming the judged authority,
+        and the canonical path the rule saw."""
         req = flow.request
-        # What the `host` and `port` setters do, once instead of twice: their Host header is
-        # overwritten by the host_header setter below, so only an absolute-form authority remains.
+        # Not the `host` and `port` setters: they would write the address into the Host header.
         req.data.host = address
         req.data.port = request.port
-        if req.data.authority:
-            req.authority = url.hostport(req.scheme, address, request.port)
-        req.host_header = request.authority
+        send_in_origin_form(req, request.authority)
         flow.request.path = request.path + (f"?{request.query}" if request.query else "")
         self.destinations.permit(flow.client_conn.id, address, request.port, request.host)
         self._set_via(flow, None)
 
     def _pin_via_proxy(self, flow: http.HTTPFlow, request: Request, proxy: ProxyServer) -> None:
         """Forward exactly what was judged through the upstream proxy, by name (the proxy resolves it):
-        HTTPS with CONNECT to the judged host and port, then TLS to it; plain HTTP in absolute form."""
+        HTTPS with CONNECT to the judged host and port, then TLS to it and origin form; plain HTTP in
+        absolute form, which is what a proxy needs."""
         req = flow.request
-        req.host_header = request.authority
+        send_in_origin_form(req, request.authority)
         req.path = request.path + (f"?{request.query}" if request.query else "")
         req.headers.pop("proxy-authorization", None)  # the child's own never reaches the proxy
         if request.scheme == "https":
             req.data.host = request.host
             req.data.port = request.port
-            if req.data.authority:
-                req.authority = request.authority
             self._set_via(flow, ("http", proxy.address))
         else:
             req.data.host, req.data.port = proxy.address
