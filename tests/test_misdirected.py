@@ -171,7 +171,7 @@ def test_http2_authority_naming_another_host_gets_421(jail_server, https_upstrea
     server = jail_server("--js", "true", "--audit-log", str(audit))
     status, body = curl_through(server, "--http2", "-H", "Host: other.example", https_upstream.url("/h2"))
     assert status == "2 421", body
-    assert "names other.example, but this connection was opened for" in body
+    assert "the :authority names other.example, but this connection was opened for" in body
     assert https_upstream.connections == []
     assert wait_for(lambda: [r["reason_code"] for r in audit_records(audit)] == ["misdirected"])
 
