@@ -15,6 +15,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+# A plain TCP stream (neither TLS nor HTTP): judged once, as `CONNECT tcp://host:port` with no path,
+# query or headers. It has no default port, so its URL always shows the port.
+TCP = "tcp"
 
 
 class JailError(Exception):
@@ -130,22 +133,35 @@ class Request:
             scheme=scheme,
             host=normalize_host(host),
             port=port if port is not None else DEFAULT_PORTS.get(scheme, 80),
-            path=canonical_path(path),
+            path="" if scheme == TCP else canonical_path(path),
             query=query,
             headers={k.lower(): v for k, v in (headers or {}).items()},
             requester_ip=requester_ip,
         )
 
     @classmethod
+    def stream(cls, host: str, port: int, requester_ip: str = "") -> Request:
+        """A plain TCP stream to `host:port` (a name, or the IP literal the child dialled)."""
+        return cls.build("CONNECT", TCP, host, port, "", requester_ip=requester_ip)
+
+    @classmethod
     def from_url(cls, url: str, method: str = "GET") -> Request:
-        """Parse `scheme://host[:port]/path?query`; raises ValueError with a readable message."""
+        """Parse `scheme://host[:port]/path?query`, or `tcp://host:port` (a stream: its method is
+        always CONNECT); raises ValueError with a readable message."""
         parts = urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r} (expected e.g. https://example.com/path)")
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https", TCP) or not parts.hostname:
+            raise ValueError(
+                f"not an http(s) URL: {url!r} (expected e.g. https://example.com/path, or tcp://example.com:22)"
+            )
         try:
             port = parts.port
         except ValueError:
             raise ValueError(f"bad port in URL {url!r}") from None
+        if scheme == TCP:
+            if port is None or parts.path not in ("", "/") or parts.query:
+                raise ValueError(f"a tcp URL is tcp://host:port, with no path or query: {url!r}")
+            return cls.stream(parts.hostname, port)
         return cls.build(method, parts.scheme, parts.hostname, port, parts.path, parts.query)
 
     @property

@@ -65,6 +65,20 @@ class Outcome:
     # Why an allowed request failed upstream (upstream_dns, upstream_refused, ...); the record's
     # reason_code then, the rule's reason code otherwise.
     reason_code: str = ""
+    # A TCP stream only: how it ended, one of the STREAM_END_* values or "error: what happened".
+    end: str = ""
+
+
+# How a TCP stream ended (`Outcome.end`, the record's "end").
+STREAM_END_CLIENT = "client_closed"  # the child closed its side first
+STREAM_END_SERVER = "server_closed"  # the server closed its side first
+STREAM_END_DENIED = "denied"  # the rule denied it: nothing was dialled
+STREAM_END_REFUSED = "refused"  # allowed, but the address guard or the server refused it
+
+
+def stream_error(problem: str) -> str:
+    """The `end` of a stream cut by a failure (a reset, a timeout)."""
+    return f"error: {problem}"
 
 
 class AuditSink:
@@ -84,6 +98,8 @@ class AuditSink:
         self.verdicts: Counter[str] = Counter()
 
     def record(self, started: float, request: Request, decision: Decision, outcome: Outcome) -> None:
+        """One judged request or TCP stream (`Request.stream`, with `outcome.end` set): a line in the
+        request log (`+ CONNECT tcp://host:22`) and a record in the audit log."""
         self.verdicts[decision.verdict] += 1
         if self.request_log is None and self.audit_log is None:
             return
@@ -136,6 +152,8 @@ class AuditSink:
             record["error"] = outcome.error
         if outcome.via:
             record["via"] = outcome.via
+        if outcome.end:
+            record["end"] = outcome.end
         return record
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ import json
 import re
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,6 +58,7 @@ class Entry:
     bytes_down: int = 0
     duration_ms: float = 0.0
     source: str = ""
+    end: str = ""  # a TCP stream: how it ended
 
     @property
     def url(self) -> str:
@@ -134,7 +135,7 @@ def entry_from_record(record: object, source: str = "") -> Entry:
         scheme=scheme,
         host=host,
         port=port,
-        path=_text(record, "path", "/") or "/",
+        path="" if scheme == "tcp" else _text(record, "path", "/") or "/",
         query=_text(record, "query", ""),
         decision=decision,
         reason=_text(record, "reason", ""),
@@ -145,6 +146,7 @@ def entry_from_record(record: object, source: str = "") -> Entry:
         bytes_down=int(_number(record, "bytes_down")),
         duration_ms=float(_number(record, "duration_ms", float)),
         source=source,
+        end=_text(record, "end", ""),
     )
 
 
@@ -275,6 +277,7 @@ class Summary:
     hosts: dict[str, Tally]  # sorted by host
     total: Tally
     refused: list[RefusedRequest]  # most frequent first
+    streams: list[Entry] = field(default_factory=list)  # the TCP streams, in time order
     first: datetime | None = None
     last: datetime | None = None
 
@@ -305,6 +308,7 @@ def summarize(entries: Sequence[Entry]) -> Summary:
         hosts=dict(sorted(hosts.items())),
         total=total,
         refused=refused_list,
+        streams=[entry for entry in entries if entry.scheme == "tcp"],
         first=min(times) if times else None,
         last=max(times) if times else None,
     )
@@ -418,7 +422,33 @@ def render_text(summary: Summary) -> str:
         lines += _aligned(["VERDICT", "COUNT", "METHOD", "URL", "REASON"], refused_rows, "lrlll")
         if len(summary.refused) > limit:
             lines.append(f"... and {len(summary.refused) - limit} more")
+    if summary.streams:
+        limit = MAX_DENIED_ROWS["text"]
+        lines += ["", "TCP streams:"]
+        lines += _aligned(
+            STREAM_COLUMNS, [_stream_cells(entry, safe_text) for entry in summary.streams[-limit:]], "llrrrl"
+        )
+        if len(summary.streams) > limit:
+            lines.append(f"... and {len(summary.streams) - limit} earlier")
     return "\n".join(lines) + "\n"
+
+
+STREAM_COLUMNS = ("TIME", "URL", "UP", "DOWN", "DURATION", "END")
+
+
+def _stream_cells(entry: Entry, quote: Callable[[str], str]) -> list[str]:
+    """One TCP stream: when, where, bytes each way, how long, how it ended (or why it was denied)."""
+    end = entry.end or VERDICT_LABELS[entry.decision]
+    if entry.decision != "allow" and entry.reason:
+        end = f"{end}: {_shorten(entry.reason, 60)}"
+    return [
+        format_time(entry.time),
+        quote(entry.url),
+        format_bytes(entry.bytes_up),
+        format_bytes(entry.bytes_down),
+        f"{entry.duration_ms / 1000:.3g}s",
+        quote(end),
+    ]
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -465,6 +495,13 @@ def render_markdown(summary: Summary, title: str = "jail egress") -> str:
         lines += _md_table(["Verdict", "Count", "Method", "URL", "Reason"], "lrlll", refused_rows)
         if len(summary.refused) > limit:
             lines += ["", f"… and {len(summary.refused) - limit} more"]
+    if summary.streams:
+        limit = MAX_DENIED_ROWS["markdown"]
+        lines += ["", "**TCP streams**", ""]
+        rows = [_stream_cells(entry, md_code) for entry in summary.streams[-limit:]]
+        lines += _md_table([c.capitalize() for c in STREAM_COLUMNS], "llrrrl", rows)
+        if len(summary.streams) > limit:
+            lines += ["", f"… and {len(summary.streams) - limit} earlier"]
     return "\n".join(lines) + "\n"
 
 

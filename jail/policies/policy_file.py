@@ -9,7 +9,7 @@ Schema (every key is optional unless marked required; any other key is an error)
     host = "api.github.com"     # exact, or "*.example.com" (any subdomain, NOT example.com itself),
                                 # or a list of them; absent: any host
     port = 443                  # an integer or a list of them
-    scheme = "https"            # "http" | "https", or a list
+    scheme = "https"            # "http" | "https" | "tcp" (a plain TCP stream, e.g. SSH), or a list
     methods = ["GET", "HEAD"]   # a method or a list of them
     path = "/repos/"            # a prefix; a glob when it contains * or ? ('*' and '?' stay
                                 # within one segment, '**' crosses '/'; the whole path must
@@ -37,6 +37,11 @@ Paths are compared as sent, except that a path not in canonical form (a `.` or `
 percent-encoded letter, digit, `-`, `.`, `_` or `~`) fails closed: it never satisfies an allow rule's
 `path`, and it satisfies a deny rule's `path` when either the path as sent or its canonical form does.
 
+A plain TCP stream (SSH, a database; jail's isolated modes see them on any port) is judged once as
+`CONNECT tcp://host:port`: scheme "tcp", method CONNECT, no path, query or headers. A rule with a
+`path`, or `methods` without CONNECT, never matches it; a rule without `scheme` matches it too, so
+`scheme = "tcp"` plus `host` and `port` is the way to allow one (`host = "github.com"`, `port = 22`).
+
 Several files compose in the order given: their rules are appended, the first matching rule wins, and
 for `default` and `[hooks]` the last file that sets one wins. Hooks reuse the engines of `--js`,
 `--js-file`, `--sh` and `--proc`, with their own default timeouts capped by the policy's timeout.
@@ -62,7 +67,7 @@ RULE_KEYS = ("name", "action", "host", "port", "scheme", "methods", "path", "rea
 HOOK_KEYS = ("js", "js_file", "sh", "proc")
 EXPECT_KEYS = ("request", "decision")
 ACTIONS = ("allow", "deny")
-SCHEMES = ("http", "https")
+SCHEMES = ("http", "https", "tcp")
 
 _METHOD_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HOST_LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
@@ -235,6 +240,8 @@ class Rule:
             return False
         if not self.has_path:
             return True
+        if not request.path:
+            return False  # a TCP stream has no path: a rule that names one is about HTTP
         if canonical_path is None:
             return self._path_matches(request.path)
         if self.allow:
@@ -497,7 +504,7 @@ class _FileLoader:
         if "scheme" in table:
             schemes = _as_list(table["scheme"])
             if schemes is None or not all(scheme in SCHEMES for scheme in schemes):
-                raise bad("scheme", '"http", "https" or a list of them')
+                raise bad("scheme", '"http", "https", "tcp" or a list of them')
             fields["schemes"] = frozenset(schemes)
         if "methods" in table:
             methods = _as_list(table["methods"])
@@ -631,7 +638,10 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
 
 
 def canonical_path(path: str) -> str | None:
-    """The path's canonical form (jail.model.canonical_path); None if it is already canonical."""
+    """The path's canonical form (jail.model.canonical_path); None if it is already canonical (or
+    there is none: a TCP stream's path is empty)."""
+    if not path:
+        return None
     resolved = canonical_form(path)
     return None if resolved == path else resolved
 
