@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
 
 from jail.model import JailError, canonical_path, format_authority
@@ -507,48 +508,8 @@ def render_markdown(summary: Summary, title: str = "jail egress") -> str:
 
 # --------------------------------------------------------------------------- HTML
 
-HTML_CSS = """
-:root { --allow: #2f9e5b; --deny: #d33a44; --would: #e09b00; --ink: #1f2328; --muted: #656d76;
-        --line: #d8dee4; --head: #f6f8fa; }
-* { box-sizing: border-box; }
-body { margin: 0; padding: 24px 32px 48px; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
-       color: var(--ink); background: #fff; }
-h1 { font-size: 22px; margin: 0 0 4px; }
-h2 { font-size: 16px; margin: 32px 0 8px; }
-.sub { color: var(--muted); margin: 0 0 16px; overflow-wrap: anywhere; }
-.cards { display: flex; flex-wrap: wrap; gap: 12px; margin: 16px 0 8px; }
-.card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 16px; min-width: 120px; }
-.card b { display: block; font-size: 22px; font-variant-numeric: tabular-nums; }
-.card span { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
-.card.deny b { color: var(--deny); } .card.would b { color: var(--would); } .card.allow b { color: var(--allow); }
-table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
-th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: baseline; }
-th { background: var(--head); font-weight: 600; white-space: nowrap; position: sticky; top: 0; }
-table.sortable th { cursor: pointer; user-select: none; }
-table.sortable th::after { content: " \\2195"; color: #b0b8c1; font-size: 11px; }
-table.sortable th[aria-sort=ascending]::after { content: " \\25B2"; color: var(--ink); }
-table.sortable th[aria-sort=descending]::after { content: " \\25BC"; color: var(--ink); }
-td.n, th.n { text-align: right; }
-td.url, td.reason { overflow-wrap: anywhere; font-family: ui-monospace, SFMono-Regular, Menlo, monospace;
-                    font-size: 12.5px; }
-td.reason { font-family: inherit; font-size: inherit; color: var(--muted); }
-tbody tr:nth-child(even) { background: #fbfcfd; }
-tbody tr:hover { background: #eef4ff; }
-tfoot td { font-weight: 600; border-top: 2px solid var(--line); }
-.tag { display: inline-block; padding: 0 7px; border-radius: 10px; font-size: 12px; color: #fff; }
-.tag.allow { background: var(--allow); } .tag.deny { background: var(--deny); }
-.tag.would_deny { background: var(--would); }
-.zero { color: #b0b8c1; }
-.timeline { border: 1px solid var(--line); border-radius: 8px; padding: 8px; }
-.timeline svg { width: 100%; height: auto; display: block; }
-svg text { font: 11px system-ui, sans-serif; fill: var(--muted); }
-svg .lane { fill: #f6f8fa; } svg .grid { stroke: #e4e8ec; }
-svg .allow { fill: var(--allow); } svg .deny { fill: var(--deny); } svg .would_deny { fill: var(--would); }
-.legend { color: var(--muted); font-size: 12px; margin: 6px 0 0; }
-.k-allow { background: var(--allow); } .k-would { background: var(--would); } .k-deny { background: var(--deny); }
-.legend i { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin: 0 4px 0 12px; }
-.note { color: var(--muted); font-size: 12px; }
-"""
+# The report's look, shared with the live page of `jail --ui` (jail/approvals/page.py).
+HTML_CSS = resources.files("jail.audit").joinpath("report.css").read_text(encoding="utf-8")
 
 # Click a header to sort by it; numbers (data-sort, else the text) sort as numbers. No data from the log
 # is ever put into this script: it only reads the DOM.
@@ -683,7 +644,7 @@ def _timeline_svg(entries: Sequence[Entry], summary: Summary) -> str:
     return "".join(out)
 
 
-def _sha256(source: str) -> str:
+def csp_hash(source: str) -> str:
     """A CSP source expression for one inline element."""
     return "sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode()
 
@@ -694,7 +655,7 @@ def render_html(
     """One self-contained page: no external resources, and a Content-Security-Policy that lets only its
     own inline style and script (by hash), so even a mistake in escaping could not run a script from the log."""
     total = summary.total
-    csp = f"default-src 'none'; style-src '{_sha256(HTML_CSS)}'; script-src '{_sha256(HTML_JS)}'"
+    csp = f"default-src 'none'; style-src '{csp_hash(HTML_CSS)}'; script-src '{csp_hash(HTML_JS)}'"
     span = ""
     if summary.first and summary.last:
         span = f"{format_time(summary.first)} to {format_time(summary.last)} ({format_span(summary.span)})"
