@@ -13,9 +13,13 @@ from typing import NoReturn
 import click
 
 from jail import __version__
+from jail.approvals import AskSettings
+from jail.config import PROJECT_FILE, ConfigLayers, ConfiguredCommand, origins
 from jail.model import JailError, Request
 from jail.policies import RuleSpec, rule_files
+from jail.policies.managed import find_managed_policy
 from jail.profiles import Profile, detect, home_dir, load
+from jail.proxy.clients import ClientTokens
 from jail.proxy.secrets import Secret, hide_from_children, parse_secret_spec
 from jail.session import JailConfig, Session, check_rule
 
@@ -130,6 +134,40 @@ def filesystem_policy(
     return policy._replace(caches=caches, keep_caches=keep_caches)
 
 
+def ask_settings(
+    ask_denials: bool,
+    timeout: float,
+    ask_save: Path | None,
+    fd: str | None,
+    policy_files: tuple[Path, ...],
+    audit_mode: bool,
+) -> AskSettings:
+    """--ask and its company. "Always" answers go to a file only when the user named one (--ask-save,
+    --policy) or asked for questions (--ask): that file is protected from the command from the start."""
+    from jail.approvals.saved import save_path
+
+    if timeout <= 0:
+        raise click.BadParameter("must be positive", param_hint="--ask-timeout")
+    if ask_denials and audit_mode:
+        raise click.UsageError("--ask and --audit contradict each other (--audit lets every request through)")
+    if fd is not None:
+        from jail.approvals.channels import parse_fds
+
+        parse_fds(fd)
+    saving = ask_denials or ask_save is not None or bool(policy_files)
+    save_to = save_path(ask_save, policy_files) if saving else None
+    return AskSettings(ask_denials, timeout, save_to, fd)
+
+
+def client_tokens(path: Path | None, required: bool) -> ClientTokens | None:
+    """--clients FILE and --require-client (jail/proxy/clients.py)."""
+    if path is None:
+        if required:
+            raise click.UsageError("--require-client needs --clients FILE (the names and their tokens)")
+        return None
+    return ClientTokens.load(path, required)
+
+
 def choose_profile(name: str | None, no_profile: bool, command: tuple[str, ...]) -> Profile | None:
     """--profile NAME, none with --no-profile, else the profile of the agent the command runs (if any)."""
     if name is not None and no_profile:
@@ -178,7 +216,17 @@ def configure_logging(verbosity: int) -> None:
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
-@click.command(context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]})
+@click.command(
+    cls=ConfiguredCommand,
+    context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]},
+)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    expose_value=False,
+    help=f"Project config file (default: ./{PROJECT_FILE}); flags win over it, it wins over ~/.config/jail/config.toml.",
+)
+@click.option("--no-config", is_flag=True, expose_value=False, help="Read no config file (the managed policy stays).")
 @click.option("--js", metavar="CODE", help="JavaScript rule; the request is `r`.")
 @click.option("--js-file", type=EXISTING_FILE, help="JavaScript rule from a file (reloaded on change).")
 @click.option("--sh", metavar="SCRIPT", help="Shell rule, run per request; exit 0 allows.")
@@ -247,6 +295,10 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
     help="Agent profile (codex, claude, gemini, opencode, aider): its state writable, its hosts allowed.",
 )
 @click.option("--no-profile", is_flag=True, help="No agent profile, even for a command that has one.")
+@click.option("--ask", "ask_denials", is_flag=True, help="Ask a person (jail ask) instead of denying by the rule.")
+@click.option("--ask-timeout", type=float, default=60.0, metavar="S", help="Deny a question nobody answered in S s (60).")
+@click.option("--ask-save", type=click.Path(dir_okay=False, path_type=Path), help="Append 'always' answers here.")
+@click.option("--ask-fd", metavar="N|R,W", help="Questions and answers as JSON lines on inherited fds.")
 @click.option("--test", "test_flag", is_flag=True, hidden=True)
 @click.option("--test-url", hidden=True)
 @click.option("--test-method", hidden=True, default="GET")
@@ -259,6 +311,13 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
     type=click.Path(dir_okay=False, path_type=Path),
     help="With --server: write HOST:PORT here once the proxy accepts connections.",
 )
+@click.option(
+    "--clients",
+    "clients_file",
+    type=EXISTING_FILE,
+    help="With --server: `NAME TOKEN` lines; a client names itself as http://NAME:TOKEN@host:port (r.client).",
+)
+@click.option("--require-client", is_flag=True, help="With --clients: 407 for a client without a name and token.")
 @click.option("-v", "--verbose", count=True, help="Diagnostics on stderr (-vv for more).")
 @click.version_option(__version__, prog_name="jail")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -294,6 +353,10 @@ def main(
     keep_caches: bool,
     profile_name: str | None,
     no_profile: bool,
+    ask_denials: bool,
+    ask_timeout: float,
+    ask_save: Path | None,
+    ask_fd: str | None,
     test_flag: bool,
     test_url: str | None,
     test_method: str,
@@ -302,6 +365,8 @@ def main(
     listen: str | None,
     listen_public: bool,
     ready_file: Path | None,
+    clients_file: Path | None,
+    require_client: bool,
     verbose: int,
     command: tuple[str, ...],
 ) -> None:
@@ -321,8 +386,12 @@ def main(
         removed = cleanup_orphans()
         print(f"jail: removed {len(removed)} orphaned jail(s){': ' + ' '.join(removed) if removed else ''}")
         sys.exit(0)
+    context = click.get_current_context()
+    layers: ConfigLayers = context.meta.get("jail.config", ConfigLayers())
+    managed_policy = find_managed_policy(os.environ)
     spec = rule_spec(js, str(js_file) if js_file else None, sh, proc, policy_files, rule_timeout)
     profile = choose_profile(profile_name, no_profile, command)
+    ask = ask_settings(ask_denials, ask_timeout, ask_save, ask_fd, policy_files, audit_mode)
     config = JailConfig(
         command=list(command),
         rule=spec,
@@ -349,11 +418,17 @@ def main(
             no_fs_restrictions,
             keep_caches,
             profile,
-            rule_files(spec),
+            # The config files too: a command that rewrote them would set its own next jail.
+            (*rule_files(spec), *layers.files, *([ask.save_to] if ask.save_to else [])),
         ),
+        ask=ask,
         profile=profile,
         profile_named=profile_name is not None,
         secrets=parse_secrets(secret_specs, secret_files),
+        managed_policy=managed_policy,
+        setting_origins=origins(context, layers),
+        config_files=layers.files,
+        config_overrides=tuple(layers.overridden),
     )
     if explain:
         from jail.explain import explain as explain_text
@@ -375,10 +450,13 @@ def main(
             raise click.UsageError("--secret needs a command to hand the placeholder to (not --server)")
         config.listen = parse_listen(listen or "127.0.0.1:8080", listen_public)
         config.ready_file = ready_file
-    elif listen or ready_file:
-        raise click.UsageError(f"{'--listen' if listen else '--ready-file'} only goes with --server")
-    elif not command:
-        raise click.UsageError("no command given: jail [OPTIONS] -- COMMAND [ARGS...]")
+        config.clients = client_tokens(clients_file, require_client)
+    else:
+        server_only = (("--listen", listen), ("--ready-file", ready_file), ("--clients", clients_file))
+        if given := [name for name, value in (*server_only, ("--require-client", require_client)) if value]:
+            raise click.UsageError(f"{given[0]} only goes with --server")
+        if not command:
+            raise click.UsageError("no command given: jail [OPTIONS] -- COMMAND [ARGS...]")
     leave(asyncio.run(Session(config).run()))
 
 
@@ -397,7 +475,7 @@ def leave(status: int) -> NoReturn:
 
 
 # `jail log ...` and `jail policy ...` are tools; anything else is `jail [OPTIONS] -- COMMAND`.
-TOOL_COMMANDS = ("log", "policy")
+TOOL_COMMANDS = ("log", "policy", "ask")
 
 
 def run(argv: list[str] | None = None) -> None:

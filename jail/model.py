@@ -114,6 +114,8 @@ class Request:
     query: str = ""
     headers: dict[str, str] = field(default_factory=dict)
     requester_ip: str = ""
+    # The name a `jail --server` client proved with proxy authentication (--clients); "" for none.
+    client: str = ""
 
     @classmethod
     def build(
@@ -126,6 +128,7 @@ class Request:
         query: str = "",
         headers: dict[str, str] | None = None,
         requester_ip: str = "",
+        client: str = "",
     ) -> Request:
         scheme = scheme.lower()
         return cls(
@@ -137,12 +140,13 @@ class Request:
             query=query,
             headers={k.lower(): v for k, v in (headers or {}).items()},
             requester_ip=requester_ip,
+            client=client,
         )
 
     @classmethod
-    def stream(cls, host: str, port: int, requester_ip: str = "") -> Request:
+    def stream(cls, host: str, port: int, requester_ip: str = "", client: str = "") -> Request:
         """A plain TCP stream to `host:port` (a name, or the IP literal the child dialled)."""
-        return cls.build("CONNECT", TCP, host, port, "", requester_ip=requester_ip)
+        return cls.build("CONNECT", TCP, host, port, "", requester_ip=requester_ip, client=client)
 
     @classmethod
     def from_url(cls, url: str, method: str = "GET") -> Request:
@@ -185,6 +189,7 @@ class Request:
             "query": self.query,
             "headers": dict(self.headers),
             "requester_ip": self.requester_ip,
+            "client": self.client,
             "url": self.url,
         }
 
@@ -199,7 +204,8 @@ class Request:
                 f'{{"method":{json_string(self.method)},"scheme":{json_string(self.scheme)},'
                 f'"host":{json_string(self.host)},"port":{self.port},"path":{json_string(self.path)},'
                 f'"query":{json_string(self.query)},"headers":{{{headers}}},'
-                f'"requester_ip":{json_string(self.requester_ip)},"url":{json_string(self.url)}}}'
+                f'"requester_ip":{json_string(self.requester_ip)},"client":{json_string(self.client)},'
+                f'"url":{json_string(self.url)}}}'
             )
         except TypeError:  # a field that is not a string: json.dumps knows how to write it
             return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -219,6 +225,9 @@ class Decision:
     rule: str = ""
     # Audit mode: the rule denied, but the request was let through and recorded.
     would_deny: bool = False
+    # A person was asked (jail/approvals), and which channel answered: cli, ui, fd or timeout.
+    asked: bool = False
+    answered_by: str = ""
 
     @classmethod
     def allowed(cls, reason: str = "", max_tx_bytes: int | None = None, rule: str = "") -> Decision:
@@ -228,10 +237,28 @@ class Decision:
     def denied(cls, reason: str, reason_code: str = "rule_deny", rule: str = "") -> Decision:
         return cls(False, reason, reason_code, rule=rule)
 
+    @classmethod
+    def asking(cls, reason: str = "", rule: str = "") -> Decision:
+        """The rule asks a person. Not an allow: where nobody can be asked (`--test`), it denies."""
+        return cls(False, reason or "the rule asks a person", "ask", rule=rule)
+
+    @property
+    def asks(self) -> bool:
+        return not self.allow and self.reason_code == "ask"
+
     def stamped(self, engine: str, rule_us: int) -> Decision:
         # Every field by position: it runs per request, and dataclasses.replace costs twice as much.
         return Decision(
-            self.allow, self.reason, self.reason_code, engine, self.max_tx_bytes, rule_us, self.rule, self.would_deny
+            self.allow,
+            self.reason,
+            self.reason_code,
+            engine,
+            self.max_tx_bytes,
+            rule_us,
+            self.rule,
+            self.would_deny,
+            self.asked,
+            self.answered_by,
         )
 
     def audited(self) -> Decision:

@@ -11,7 +11,9 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from jail.approvals import AskSettings
 from jail.audit import AuditSink
 from jail.model import JailError, ProxyEndpoint, Request
 from jail.platform import (
@@ -28,8 +30,12 @@ from jail.platform.process import Child, ChildError
 from jail.policies import HostGrant, Judge, RuleSpec, build_engine
 from jail.profiles import Profile, home_dir
 from jail.proxy.ca import CertificateAuthority, TrustSources
+from jail.proxy.clients import ClientTokens
 from jail.proxy.secrets import Secret
 from jail.proxy.upstream import UpstreamProxies, is_proxy_setting
+
+if TYPE_CHECKING:
+    from jail.policies.managed import ManagedPolicy
 
 logger = logging.getLogger("jail")
 
@@ -61,6 +67,8 @@ class JailConfig:
     listen: tuple[str, int] = ("127.0.0.1", 8080)
     # --server: where to write the bound address once the proxy accepts connections.
     ready_file: Path | None = None
+    # --server --clients FILE [--require-client]: the names clients prove with proxy authentication.
+    clients: ClientTokens | None = None
     audit_mode: bool = False
     fail_on_deny: bool = False
     user: str | None = None
@@ -73,6 +81,15 @@ class JailConfig:
     # allowed only when the user named it (--profile): a profile told from the command never widens the rule.
     profile: Profile | None = None
     profile_named: bool = False
+    # The administrator's policy (jail/policies/managed.py), asked before the rule; None: there is none.
+    managed_policy: Path | None = None
+    # (flag, where) for each setting given: "flag", or "FILE:LINE" of a config file (jail/config.py).
+    setting_origins: tuple[tuple[str, str], ...] = ()
+    # The config files read, and the choices a higher source replaced (said by --explain).
+    config_files: tuple[Path, ...] = ()
+    config_overrides: tuple[str, ...] = ()
+    # Questions to a person (jail/approvals): --ask, --ask-timeout, --ask-save, --ask-fd.
+    ask: AskSettings = field(default_factory=AskSettings)
 
     def host_grant(self) -> HostGrant | None:
         profile = self.profile
@@ -86,15 +103,26 @@ def new_jail_id() -> str:
     return secrets.token_hex(4)
 
 
+async def start_managed_policy(config: JailConfig, stack: contextlib.AsyncExitStack) -> ManagedPolicy | None:
+    if config.managed_policy is None:
+        return None
+    from jail.policies.managed import ManagedPolicy
+
+    managed = ManagedPolicy(config.managed_policy)
+    await managed.start()
+    stack.push_async_callback(managed.close)
+    return managed
+
+
 async def check_rule(config: JailConfig) -> int:
     """`--test`: judge one request, print the verdict, exit 0 for allow and 1 for deny."""
     assert config.test_request is not None
-    engine = build_engine(config.rule)
-    await engine.start()
-    try:
-        decision = await Judge(engine, grant=config.host_grant()).decide(config.test_request)
-    finally:
-        await engine.close()
+    async with contextlib.AsyncExitStack() as stack:
+        managed = await start_managed_policy(config, stack)
+        engine = build_engine(config.rule)
+        await engine.start()
+        stack.push_async_callback(engine.close)
+        decision = await Judge(engine, grant=config.host_grant(), managed=managed).decide(config.test_request)
     request = config.test_request
     if decision.allow:
         print(f"ALLOW {request.method} {request.url}")
@@ -133,6 +161,7 @@ class Session:
         return status
 
     async def _start_rule_and_logs(self) -> None:
+        self.managed = await start_managed_policy(self.config, self.stack)
         self.engine = build_engine(self.config.rule)
         await self.engine.start()
         self.stack.push_async_callback(self.engine.close)
@@ -140,6 +169,7 @@ class Session:
             self.jail_id, self.config.request_log, self.config.audit_log, self.config.log_header_values
         )
         self.stack.callback(self.audit.close)
+        await self._open_approvals()
         remove_orphan_dirs()
         self.workdir = make_workdir(self.jail_id)
         # This one and every other temp dir of the run (the backend's, the command's private temp dir).
@@ -154,28 +184,44 @@ class Session:
             # Whoever holds the CA's key can forge certificates for anyone who trusts it.
             self.config.filesystem = self.config.filesystem.denying(self.ca.private_files())
 
+    async def _open_approvals(self) -> None:
+        """The room where a person answers the rule's questions (jail/approvals); the proxy asks it in
+        place of the rule. Opened before the child starts: the save file must exist to be protected."""
+        from jail.approvals.room import open_room
+
+        judge = Judge(self.engine, self.config.audit_mode, self.config.host_grant(), self.managed)
+        self.approvals = await open_room(
+            self.stack, self.jail_id, judge.decide, self.config.ask, self.audit.record_event
+        )
+
     async def _serve(self, listeners: Listeners, isolated: bool) -> None:
         """Serve the backend's sockets: the proxy (started last, it is the slow part) and jail's resolver."""
         from jail.proxy import start_proxy
         from jail.proxy.guard import AddressGuard, networks
         from jail.proxy.secrets import Vault
 
+        names = None
         if listeners.dns is not None:
-            from jail.proxy.dns import start_resolver
+            from jail.proxy.dns import SyntheticNames, start_resolver
 
-            transport = await start_resolver(listeners.dns, listeners.sinkhole, self.audit.record_dns)
+            # A backend that sends every TCP port to jail gets a synthetic address per name (the
+            # proxy side reads the name back from it); one that intercepts 80/443 only, its sinkhole.
+            names = None if listeners.sinkhole else SyntheticNames()
+            transport = await start_resolver(listeners.dns, self.audit.record_dns, names, listeners.sinkhole)
             self.stack.callback(transport.close)
         stop = await start_proxy(
             ca=self.ca,
             regular=listeners.regular,
             transparent=listeners.transparent,
-            decide=Judge(self.engine, self.config.audit_mode, self.config.host_grant()).decide,
+            names=names,
+            decide=self.approvals.decide,
             audit=self.audit,
             trust=self.trust,
             upstream=self.upstream,
             workdir=self.workdir,
             guard=AddressGuard(isolated, networks(*self.config.allow_private)),
             vault=Vault(self.config.secrets),
+            clients=self.config.clients,
         )
         self.stack.push_async_callback(stop)
 

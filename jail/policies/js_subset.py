@@ -10,7 +10,7 @@ surrogate, non-ASCII text to lower-case, a method called on undefined, which thr
 
 The subset (whitespace, `//` and `/* */` comments allowed; one trailing `;`):
     literals       'str' "str" (escapes \\\\ \\' \\" \\n \\t \\r only), 12 1.5 1e3, true, false, null, undefined
-    the request    r.method r.scheme r.host r.port r.path r.query r.url r.requester_ip (also r['host'])
+    the request    r.method r.scheme r.host r.port r.path r.query r.url r.requester_ip r.client (also r['host'])
                    r.headers['name'] r.headers.name        a string or undefined
     strings        s.length  s.startsWith(t) s.endsWith(t) s.includes(t)  s.toLowerCase() s.toUpperCase()
                    s + t (both strings)                    t: an expression that is always a string
@@ -59,7 +59,7 @@ STRING, NUMBER, BOOLEAN, NULL, UNDEF = "string", "number", "boolean", "null", "u
 Types = frozenset[str]
 JsFunction = Callable[[dict[str, Any]], Any]
 
-STRING_FIELDS = ("method", "scheme", "host", "path", "query", "url", "requester_ip")
+STRING_FIELDS = ("method", "scheme", "host", "path", "query", "url", "requester_ip", "client")
 # Names every object created by JSON.parse inherits: `r.headers.constructor` is a function, not undefined.
 OBJECT_PROTOTYPE_NAMES = frozenset(
     [

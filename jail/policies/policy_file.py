@@ -2,15 +2,17 @@
 
 Schema (every key is optional unless marked required; any other key is an error)::
 
-    default = "deny"            # or "allow"; deny when no file sets it
+    default = "deny"            # or "allow", or "ask" (a person answers: jail/approvals); deny when no file sets it
     [[rule]]                    # any number, tried in order; the first rule that matches decides
     name = "github-read"        # Decision.rule is this name, or "FILE:LINE" of the [[rule]] header
-    action = "allow"            # required: "allow" | "deny"
+    action = "allow"            # required: "allow" | "deny" | "ask" (a person answers: jail/approvals)
     host = "api.github.com"     # exact, or "*.example.com" (any subdomain, NOT example.com itself),
                                 # or a list of them; absent: any host
     port = 443                  # an integer or a list of them
     scheme = "https"            # "http" | "https" | "tcp" (a plain TCP stream, e.g. SSH), or a list
     methods = ["GET", "HEAD"]   # a method or a list of them
+    client = "agent-7"          # the name a `jail --server` client proved (--clients), or a list;
+                                # "" is a client that gave none
     path = "/repos/"            # a prefix; a glob when it contains * or ? ('*' and '?' stay
                                 # within one segment, '**' crosses '/'; the whole path must
                                 # match); or a list of them. The query is never part of the path.
@@ -63,10 +65,11 @@ from jail.model import canonical_path as canonical_form
 from jail.policies import DEFAULT_TIMEOUTS, Engine, RuleSpec, build_engine
 
 TOP_KEYS = ("default", "rule", "hooks", "expect", "filesystem")
-RULE_KEYS = ("name", "action", "host", "port", "scheme", "methods", "path", "reason", "max_tx_bytes")
+RULE_KEYS = ("name", "action", "host", "port", "scheme", "methods", "client", "path", "reason", "max_tx_bytes")
 HOOK_KEYS = ("js", "js_file", "sh", "proc")
 EXPECT_KEYS = ("request", "decision")
-ACTIONS = ("allow", "deny")
+ACTIONS = ("allow", "deny", "ask")
+EXPECTED_DECISIONS = ("allow", "deny")
 SCHEMES = ("http", "https", "tcp")
 
 _METHOD_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -213,6 +216,7 @@ class Rule:
     ports: frozenset[int] | None = None
     schemes: frozenset[str] | None = None
     methods: frozenset[str] | None = None
+    clients: frozenset[str] | None = None
     path_prefixes: tuple[str, ...] = ()
     path_globs: tuple[re.Pattern[str], ...] = ()
     has_path: bool = False
@@ -235,6 +239,8 @@ class Rule:
         if self.schemes is not None and request.scheme not in self.schemes:
             return False
         if self.ports is not None and request.port not in self.ports:
+            return False
+        if self.clients is not None and request.client not in self.clients:
             return False
         if not self.any_host and not self._host_matches(request.host):
             return False
@@ -266,6 +272,7 @@ class Rule:
             self.ports,
             self.schemes,
             self.methods,
+            self.clients,
             self.path_prefixes,
             tuple(glob.pattern for glob in self.path_globs),
             self.reason,
@@ -340,6 +347,8 @@ class Policy:
             return Decision(
                 True, f"no policy rule matched; default allow ({self.default_where})", "policy_default", rule="default"
             )
+        if self.default == "ask":
+            return Decision.asking(f"no policy rule matched; default ask ({self.default_where})", rule="default")
         return Decision.denied(f"no policy rule matched (policy files: {files})", "policy_default", rule="default")
 
 
@@ -414,7 +423,7 @@ class _FileLoader:
             value = document["default"]
             if value not in ACTIONS:
                 raise self.fail(
-                    self.where.line(key="default"), f'\'default\' must be "allow" or "deny", not {_show(value)}'
+                    self.where.line(key="default"), f'\'default\' must be "allow", "deny" or "ask", not {_show(value)}'
                 )
             result.default = (value, self.where.line(key="default"))
         for index, table in enumerate(self._tables(document, "rule")):
@@ -463,10 +472,10 @@ class _FileLoader:
 
         self._check_keys(table, RULE_KEYS, prefix, line_of, "key")
         if "action" not in table:
-            raise self.fail(header, f'{prefix}missing required key \'action\' ("allow" or "deny")')
+            raise self.fail(header, f'{prefix}missing required key \'action\' ("allow", "deny" or "ask")')
         action = table["action"]
         if action not in ACTIONS:
-            raise bad("action", '"allow" or "deny"')
+            raise bad("action", '"allow", "deny" or "ask"')
         fields: dict[str, Any] = {"file": self.name, "line": header, "action": action}
 
         if "name" in table:
@@ -511,6 +520,11 @@ class _FileLoader:
             if methods is None or not all(isinstance(m, str) and _METHOD_RE.fullmatch(m) for m in methods):
                 raise bad("methods", 'a list of HTTP methods such as ["GET", "HEAD"]')
             fields["methods"] = frozenset(method.upper() for method in methods)
+        if "client" in table:
+            clients = _as_list(table["client"])
+            if clients is None or not all(isinstance(name, str) for name in clients):
+                raise bad("client", 'a client name (--clients) or a list of them; "" for an unnamed client')
+            fields["clients"] = frozenset(clients)
         if "path" in table:
             paths = _as_list(table["path"])
             if paths is None or not all(isinstance(p, str) and p.startswith(("/", "*")) for p in paths):
@@ -533,6 +547,8 @@ class _FileLoader:
         rule = Rule(**fields)
         if rule.allow:
             decision = Decision.allowed(rule.reason, rule.max_tx_bytes, rule=rule.label)
+        elif action == "ask":
+            decision = Decision.asking(rule.reason or f"policy rule {rule.label} asks a person", rule=rule.label)
         else:
             decision = Decision.denied(rule.reason or f"denied by policy rule {rule.label}", rule=rule.label)
         return replace(rule, decision=decision)
@@ -570,7 +586,7 @@ class _FileLoader:
             if key not in table:
                 raise self.fail(self.where.line("expect", index), f"{prefix}missing required key '{key}'")
         text, decision = table["request"], table["decision"]
-        if decision not in ACTIONS:
+        if decision not in EXPECTED_DECISIONS:
             raise self.fail(
                 line_of("decision"), f'{prefix}\'decision\' must be "allow" or "deny", not {_show(decision)}'
             )

@@ -1,4 +1,5 @@
-"""`--sh SCRIPT`: one shell process per request; exit 0 allows, otherwise stdout is the reason."""
+"""`--sh SCRIPT`: one shell process per request; exit 0 allows, exit 2 asks a person (jail/approvals),
+any other status denies; stdout is the reason."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ logger = logging.getLogger("jail.rule.sh")
 
 # The request fields under both prefixes, so httpjail scripts work unchanged.
 ENV_PREFIXES = ("JAIL_", "HTTPJAIL_")
-ENV_FIELDS = ("url", "method", "scheme", "host", "port", "path", "query", "requester_ip")
+# JAIL_CLIENT: the name a `jail --server` client proved (--clients), "" for none.
+ENV_FIELDS = ("url", "method", "scheme", "host", "port", "path", "query", "requester_ip", "client")
 MAX_OUTPUT_BYTES = 64 * 1024
+ASK_EXIT_STATUS = 2
 
 
 def request_environment(request: Request) -> dict[str, str]:
@@ -58,6 +61,8 @@ class ShellEngine:
         if process.returncode == 0:
             # A structured answer on stdout (e.g. {"allow": {"max_tx_bytes": 1024}}) refines the allow.
             return answer.parse_text(text) if text.startswith("{") else Decision.allowed()
+        if process.returncode == ASK_EXIT_STATUS:
+            return Decision.asking(text)
         if text:
             return Decision.denied(text)
         return Decision.denied(f"rule script exited with status {process.returncode}")

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
     from jail.audit import AuditSink
     from jail.proxy.addon import Decide
+    from jail.proxy.clients import ClientTokens
+    from jail.proxy.dns import SyntheticNames
     from jail.proxy.guard import AddressGuard
     from jail.proxy.secrets import Vault
     from jail.proxy.upstream import UpstreamProxies
@@ -37,12 +39,16 @@ async def start_proxy(
     vault: Vault,
     transparent: socket.socket | None = None,
     upstream: UpstreamProxies | None = None,
+    clients: ClientTokens | None = None,
+    names: SyntheticNames | None = None,
 ) -> Callable[[], Awaitable[None]]:
     """Serve the bound sockets; return the coroutine function that stops the proxy.
 
     With `transparent`, that socket takes connections a firewall redirected to it (their
-    destination is read from the connection tracking). Upstream servers are verified against
-    `trust`; allowed requests leave through `upstream` when it names a proxy.
+    destination is read from the connection tracking): HTTP and TLS are judged per request, any
+    other TCP stream once, by the name `names` gave its synthetic address (jail.proxy.streams). Upstream servers are verified against
+    `trust`; allowed requests leave through `upstream` when it names a proxy. With `clients`, a client
+    names itself with proxy authentication (jail/proxy/clients.py).
     """
     # mitmproxy takes most of a second to import: jail's child is already running meanwhile, and
     # `--test`, `--explain` and the tools never load it.
@@ -50,9 +56,23 @@ async def start_proxy(
     from jail.proxy.addon import PolicyAddon
 
     settings = server.ProxySettings(ca.directory, regular, transparent, ca.write_upstream_trust(trust, workdir))
-    proxy = server.EmbeddedProxy(settings, PolicyAddon(decide, audit, guard, vault, upstream))
+    proxy = server.EmbeddedProxy(settings, PolicyAddon(decide, audit, guard, vault, upstream, clients))
     await proxy.start()
-    return proxy.stop
+    if transparent is None:
+        return proxy.stop
+    from jail.proxy.dns import SyntheticNames
+    from jail.proxy.streams import RedirectedConnections, TcpStreams
+
+    assert proxy.redirected is not None
+    streams = TcpStreams(decide, audit, guard, names or SyntheticNames())
+    redirected = RedirectedConnections(transparent, streams, proxy.redirected)
+    redirected.start()
+
+    async def stop() -> None:
+        await redirected.stop()
+        await proxy.stop()
+
+    return stop
 
 
 def import_in_background(name: str) -> asyncio.Future[ModuleType]:

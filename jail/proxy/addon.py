@@ -2,7 +2,12 @@
 
 Nothing reaches upstream before an allow: mitmproxy runs lazily (no dial at CONNECT time), and
 `server_connect` refuses any dial that an allowed request of the same client did not ask for,
-which also covers tunnels whose content is neither HTTP nor TLS. With an upstream (corporate) proxy,
+which also covers tunnels whose content is neither HTTP nor TLS. Such a tunnel (SSH through jail's
+ProxyCommand, any client that CONNECTs to a port and speaks its own protocol) is a plain TCP stream,
+judged once as `CONNECT tcp://host:port` (at CONNECT time when the client says so with the
+`Jail-Tunnel: tcp` header, so that a refusal is a 403 it can show; otherwise when mitmproxy turns the
+tunnel into a TCP flow) and, if allowed, dialled to the address the guard checked and relayed; its audit
+record, written when it ends, carries the bytes each way and the duration. With an upstream (corporate) proxy,
 an allowed request is routed through it (`via`, or absolute form for plain HTTP); the proxy is dialled
 only for such a request, and a denied one never reaches it.
 
@@ -25,14 +30,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mitmproxy import connection, http
+from mitmproxy import connection, http, tcp
 from mitmproxy.net.http import url
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.layers import tls
-from mitmproxy.proxy.mode_specs import TransparentMode
+from mitmproxy.proxy.mode_specs import RegularMode, TransparentMode
 
-from jail.audit import AuditSink, Outcome
+from jail.audit import STREAM_END_CLOSED, STREAM_END_DENIED, STREAM_END_REFUSED, AuditSink, Outcome, stream_error
 from jail.model import DEFAULT_PORTS, Decision, Request, format_authority, normalize_host
+from jail.proxy.clients import ClientAuthError, ClientTokens
 from jail.proxy.guard import AddressGuard
 from jail.proxy.secrets import Secret, Vault
 from jail.proxy.upstream import ProxyServer, UpstreamProxies
@@ -43,6 +49,7 @@ METADATA_KEY = "jail"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 Decide = Callable[[Request], Awaitable[Decision]]
+PROXY_AUTH_REQUIRED = 407
 
 
 class NoDestination(ValueError):
@@ -105,7 +112,7 @@ def folded_headers(headers: http.Headers) -> dict[str, str]:
     }
 
 
-def request_from_flow(flow: http.HTTPFlow, host: str | None = None) -> Request:
+def request_from_flow(flow: http.HTTPFlow, host: str | None = None, client: str = "") -> Request:
     """The request as the rule must see it: the destination mitmproxy would dial, the real method and path."""
     req = flow.request
     path, _, query = req.path.partition("?")
@@ -119,6 +126,7 @@ def request_from_flow(flow: http.HTTPFlow, host: str | None = None) -> Request:
         query=query,
         headers=folded_headers(req.headers),
         requester_ip=peer[0] if peer else "",
+        client=client,
     )
 
 
@@ -126,11 +134,10 @@ def deny_response(request: Request | None, decision: Decision, status: int = 403
     """Short and readable: agents read this body and adapt."""
     what = f"{request.method} {request.url}" if request else "this request"
     body = f"jail: blocked {what}\nreason: {decision.reason}\n"
-    return http.Response.make(
-        status,
-        body.encode(),
-        {"content-type": "text/plain; charset=utf-8", "x-jail-decision": "denied", "connection": "close"},
-    )
+    headers = {"content-type": "text/plain; charset=utf-8", "x-jail-decision": "denied", "connection": "close"}
+    if status == PROXY_AUTH_REQUIRED:
+        headers["proxy-authenticate"] = 'Basic realm="jail"'
+    return http.Response.make(status, body.encode(), headers)
 
 
 BODYLESS_STATUSES = frozenset({204, 304})
@@ -268,6 +275,27 @@ class Destinations:
 # (decision, HTTP status, the address refused if any)
 Refusal = tuple[Decision, int, str]
 
+# A CONNECT with this header says its tunnel carries a plain TCP stream (jail's ssh ProxyCommand sends it).
+TUNNEL_HEADER = "jail-tunnel"
+
+
+@dataclass
+class Stream:
+    """A plain TCP stream through a CONNECT tunnel: judged once, recorded once when it ends."""
+
+    started: float
+    request: Request
+    decision: Decision
+    # The address the guard chose (or refused); empty when nothing may be dialled.
+    address: str = ""
+    failure: UpstreamFailure | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    @property
+    def dialable(self) -> bool:
+        return self.decision.allow and self.failure is None and bool(self.address)
+
 
 def misdirection(flow: http.HTTPFlow, request: Request) -> Refusal | None:
     """A request that names another authority than the one its connection was opened for (the CONNECT
@@ -325,6 +353,7 @@ class PolicyAddon:
         guard: AddressGuard,
         vault: Vault | None = None,
         upstream: UpstreamProxies | None = None,
+        clients: ClientTokens | None = None,
     ) -> None:
         self.decide = decide
         self.audit = audit
@@ -335,6 +364,12 @@ class PolicyAddon:
         self.own_addresses: set[tuple[str, int]] = set()
         # Per client, the servers whose TLS verification failed and what they presented.
         self.tls_failures: dict[str, dict[tuple[str, int], str]] = {}
+        # --clients: the names clients prove with proxy authentication; per client connection, the name
+        # its CONNECT proved (the requests inside the tunnel carry no credentials of their own).
+        self.clients = clients
+        self.tunnel_clients: dict[str, str] = {}
+        # Per client, a stream judged at CONNECT time, until its TCP flow starts.
+        self.streams: dict[str, Stream] = {}
 
     def set_listen_addresses(self, addresses: list[tuple[str, int]]) -> None:
         self.own_addresses = {(host, port) for host, port, *_ in addresses}
@@ -373,15 +408,57 @@ class PolicyAddon:
             judged.upload = ByteCounter(judged.decision.max_tx_bytes)
             flow.request.stream = judged.upload
 
+    def _client_of(self, flow: http.HTTPFlow) -> str:
+        """The name the client proved (--clients): its tunnel's, from the CONNECT, else this request's own
+        proxy authentication. The credentials are taken off the request first: no rule, log or upstream
+        server ever sees them. Raises ClientAuthError for wrong ones, or none when a name is required."""
+        credentials = flow.request.headers.get_all("proxy-authorization")
+        if credentials:
+            del flow.request.headers["proxy-authorization"]
+        if (tunnel := self.tunnel_clients.get(flow.client_conn.id)) is not None:
+            return tunnel  # a request inside the tunnel cannot rename it
+        if self.clients is None or not isinstance(flow.client_conn.proxy_mode, RegularMode):
+            return ""
+        if len(credentials) > 1:
+            raise ClientAuthError("more than one Proxy-Authorization header")
+        return self.clients.identify(credentials[0] if credentials else None)
+
+    def _name_tunnel(self, flow: http.HTTPFlow) -> bool:
+        """At CONNECT time: remember the client the CONNECT names for every request in its tunnel, or
+        answer 407 (audited) and return False."""
+        started = time.time()
+        try:
+            self.tunnel_clients[flow.client_conn.id] = self._client_of(flow)
+        except ClientAuthError as exc:
+            decision = Decision.denied(str(exc), "client_auth")
+            peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
+            try:  # recorded as the HTTPS it nearly always is: the tunnel's content is never seen
+                request = Request.build("CONNECT", "https", flow.request.host, flow.request.port, "", requester_ip=peer)
+            except ValueError:
+                request = None
+            flow.response = deny_response(request, decision, PROXY_AUTH_REQUIRED)
+            if request is not None:
+                outcome = Outcome(status=PROXY_AUTH_REQUIRED, duration_ms=(time.time() - started) * 1000)
+                self.audit.record(started, request, decision, outcome)
+            return False
+        return True
+
     def _read(self, flow: http.HTTPFlow) -> tuple[Request | None, Refusal | None]:
         """The request to judge, or why it cannot be judged at all."""
+        unnamed: Refusal | None = None
+        try:
+            client = self._client_of(flow)
+        except ClientAuthError as exc:
+            client, unnamed = "", (Decision.denied(str(exc), "client_auth"), PROXY_AUTH_REQUIRED, "")
         try:
             named = redirected_destination(flow) if isinstance(flow.client_conn.proxy_mode, TransparentMode) else None
-            request = request_from_flow(flow, named)
+            request = request_from_flow(flow, named, client)
         except NoDestination as exc:
             return request_from_flow(flow), (Decision.denied(str(exc), exc.reason_code), 403, "")
         except ValueError as exc:
             return None, (Decision.denied(str(exc), "bad_request"), 400, "")
+        if unnamed is not None:
+            return request, unnamed
         if (problem := ambiguity(flow)) is not None:
             return request, (Decision.denied(problem, "malformed_request"), 400, "")
         return request, misdirection(flow, request)
@@ -487,6 +564,102 @@ class PolicyAddon:
         flow.response = deny_response(judged.request, judged.decision, status)
         flow.metadata[METADATA_KEY] = judged
 
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        """A CONNECT that says it carries a plain TCP stream is judged now: a refusal is the 403 the client
+        shows (jail's ssh ProxyCommand prints its reason), an allowed stream is not judged again."""
+        if not self._name_tunnel(flow):
+            return
+        if flow.request.headers.get(TUNNEL_HEADER, "").strip().lower() != "tcp":
+            return
+        stream = await self._judge_stream(flow.client_conn, flow.request.host, flow.request.port)
+        if stream.dialable:
+            self.streams[flow.client_conn.id] = stream
+            return
+        if stream.failure is not None:
+            flow.response = failure_response(stream.request, stream.failure)
+        else:
+            flow.response = deny_response(stream.request, stream.decision)
+        self._record_stream(stream, flow.error.msg if flow.error else "")
+
+    async def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        """A CONNECT tunnel that carries neither TLS nor HTTP: the stream is judged once (unless it was at
+        CONNECT time); if allowed, it is dialled to the address the guard checked, which is the only
+        dial `server_connect` lets through for it. The isolated modes' redirected streams are not
+        mitmproxy's TCP flows, and a flow on an open connection (an HTTP upgrade) was judged already."""
+        if isinstance(flow.client_conn.proxy_mode, TransparentMode) or flow.server_conn.address is None:
+            return
+        if flow.server_conn.timestamp_start is not None:
+            return
+        host, port = flow.server_conn.address[:2]
+        stream = self.streams.pop(flow.client_conn.id, None) or await self._judge_stream(flow.client_conn, host, port)
+        flow.metadata[METADATA_KEY] = stream
+        if stream.dialable:
+            flow.server_conn.address = (stream.address, stream.request.port)
+            self.destinations.permit(flow.client_conn.id, stream.address, stream.request.port, stream.request.host)
+
+    async def _judge_stream(self, client: connection.Client, host: str, port: int) -> Stream:
+        """The rule's decision on `tcp://host:port`, then the address guard's (the same checks as for HTTP)."""
+        started = time.time()
+        peer = client.peername[0] if client.peername else ""
+        request = Request.stream(host, port, peer, self.tunnel_clients.get(client.id, ""))
+        if self._is_proxy_itself(request):
+            loop = Decision.denied("request addressed to jail's own proxy (loop refused)", "proxy_loop")
+            return Stream(started, request, loop)
+        decision = await self.decide(request)
+        if not decision.allow:
+            return Stream(started, request, decision)
+        address, refusal = await self.guard.choose(request.host, request.port)
+        if refusal is not None and refusal.reason_code == "resolve_failed":
+            return Stream(started, request, decision, failure=UpstreamFailure("upstream_dns", refusal.reason))
+        if refusal is not None:
+            guarded = Decision.denied(refusal.reason, refusal.reason_code).stamped(decision.engine, decision.rule_us)
+            return Stream(started, request, guarded, address=refusal.address)
+        assert address is not None
+        return Stream(started, request, decision, address=address)
+
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        stream = flow.metadata.get(METADATA_KEY)
+        if not isinstance(stream, Stream):
+            return
+        message = flow.messages[-1]
+        if message.from_client:
+            stream.bytes_up += len(message.content)
+        else:
+            stream.bytes_down += len(message.content)
+        flow.messages.clear()  # counted: a long stream is not kept in memory
+
+    def tcp_end(self, flow: tcp.TCPFlow) -> None:
+        if isinstance(stream := flow.metadata.get(METADATA_KEY), Stream):
+            self._record_stream(stream, "")
+
+    def tcp_error(self, flow: tcp.TCPFlow) -> None:
+        if isinstance(stream := flow.metadata.get(METADATA_KEY), Stream):
+            self._record_stream(stream, flow.error.msg if flow.error else "")
+
+    def _record_stream(self, stream: Stream, error: str) -> None:
+        """The stream's one audit record: how it ended, bytes each way, how long it lasted."""
+        if not stream.decision.allow:
+            end, status = STREAM_END_DENIED, 403
+        elif stream.failure is not None:
+            end, status, error = STREAM_END_REFUSED, 502, stream.failure.cause
+        elif error:
+            failure = connect_failure(error, stream.request.authority)
+            refused = failure is not None and stream.bytes_up + stream.bytes_down == 0
+            end, status = (STREAM_END_REFUSED if refused else stream_error(error)), 502
+        else:
+            end, status = STREAM_END_CLOSED, 200
+        outcome = Outcome(
+            status=status,
+            bytes_up=stream.bytes_up,
+            bytes_down=stream.bytes_down,
+            duration_ms=(time.time() - stream.started) * 1000,
+            error=error,
+            address=stream.address,
+            reason_code=stream.failure.reason_code if stream.failure else "",
+            end=end,
+        )
+        self.audit.record(stream.started, stream.request, stream.decision, outcome)
+
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         address = data.server.address
         name = self.destinations.judged_name(data.client.id, address[0], address[1]) if address else None
@@ -579,7 +752,9 @@ class PolicyAddon:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.destinations.forget(client.id)
+        self.tunnel_clients.pop(client.id, None)
         self.tls_failures.pop(client.id, None)
+        self.streams.pop(client.id, None)
 
     def _record(self, flow: http.HTTPFlow) -> None:
         judged: Judged | None = flow.metadata.get(METADATA_KEY)
