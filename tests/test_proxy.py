@@ -99,7 +99,8 @@ def test_plain_http_host_header_is_overwritten(jail_server, http_upstream):
 
 
 def test_non_http_bytes_in_a_tunnel_never_reach_upstream(jail_server, http_upstream):
-    server = jail_server("--js", "true")
+    # Such a tunnel is a TCP stream, judged as tcp://host:port (tests/test_git_ssh.py): a rule for HTTP only.
+    server = jail_server("--js", "r.scheme !== 'tcp'")
     sock = connect_tunnel(server.port, UPSTREAM_HOST, http_upstream.port)
     sock.sendall(b"\x00\x01raw bytes that are neither TLS nor HTTP\r\n\r\n")
     sock.settimeout(5)

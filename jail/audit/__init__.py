@@ -72,6 +72,7 @@ class Outcome:
 # How a TCP stream ended (`Outcome.end`, the record's "end").
 STREAM_END_CLIENT = "client_closed"  # the child closed its side first
 STREAM_END_SERVER = "server_closed"  # the server closed its side first
+STREAM_END_CLOSED = "closed"  # both sides closed, which one first not known (mitmproxy's TCP flows)
 STREAM_END_DENIED = "denied"  # the rule denied it: nothing was dialled
 STREAM_END_REFUSED = "refused"  # allowed, but the address guard or the server refused it
 
