@@ -34,10 +34,11 @@ from mitmproxy import connection, http, tcp
 from mitmproxy.net.http import url
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.layers import tls
-from mitmproxy.proxy.mode_specs import TransparentMode
+from mitmproxy.proxy.mode_specs import RegularMode, TransparentMode
 
 from jail.audit import STREAM_END_CLOSED, STREAM_END_DENIED, STREAM_END_REFUSED, AuditSink, Outcome, stream_error
 from jail.model import DEFAULT_PORTS, Decision, Request, format_authority, normalize_host
+from jail.proxy.clients import ClientAuthError, ClientTokens
 from jail.proxy.guard import AddressGuard
 from jail.proxy.secrets import Secret, Vault
 from jail.proxy.upstream import ProxyServer, UpstreamProxies
@@ -48,6 +49,7 @@ METADATA_KEY = "jail"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 Decide = Callable[[Request], Awaitable[Decision]]
+PROXY_AUTH_REQUIRED = 407
 
 
 class NoDestination(ValueError):
@@ -110,7 +112,7 @@ def folded_headers(headers: http.Headers) -> dict[str, str]:
     }
 
 
-def request_from_flow(flow: http.HTTPFlow, host: str | None = None) -> Request:
+def request_from_flow(flow: http.HTTPFlow, host: str | None = None, client: str = "") -> Request:
     """The request as the rule must see it: the destination mitmproxy would dial, the real method and path."""
     req = flow.request
     path, _, query = req.path.partition("?")
@@ -124,6 +126,7 @@ def request_from_flow(flow: http.HTTPFlow, host: str | None = None) -> Request:
         query=query,
         headers=folded_headers(req.headers),
         requester_ip=peer[0] if peer else "",
+        client=client,
     )
 
 
@@ -131,11 +134,10 @@ def deny_response(request: Request | None, decision: Decision, status: int = 403
     """Short and readable: agents read this body and adapt."""
     what = f"{request.method} {request.url}" if request else "this request"
     body = f"jail: blocked {what}\nreason: {decision.reason}\n"
-    return http.Response.make(
-        status,
-        body.encode(),
-        {"content-type": "text/plain; charset=utf-8", "x-jail-decision": "denied", "connection": "close"},
-    )
+    headers = {"content-type": "text/plain; charset=utf-8", "x-jail-decision": "denied", "connection": "close"}
+    if status == PROXY_AUTH_REQUIRED:
+        headers["proxy-authenticate"] = 'Basic realm="jail"'
+    return http.Response.make(status, body.encode(), headers)
 
 
 BODYLESS_STATUSES = frozenset({204, 304})
@@ -351,6 +353,7 @@ class PolicyAddon:
         guard: AddressGuard,
         vault: Vault | None = None,
         upstream: UpstreamProxies | None = None,
+        clients: ClientTokens | None = None,
     ) -> None:
         self.decide = decide
         self.audit = audit
@@ -361,6 +364,10 @@ class PolicyAddon:
         self.own_addresses: set[tuple[str, int]] = set()
         # Per client, the servers whose TLS verification failed and what they presented.
         self.tls_failures: dict[str, dict[tuple[str, int], str]] = {}
+        # --clients: the names clients prove with proxy authentication; per client connection, the name
+        # its CONNECT proved (the requests inside the tunnel carry no credentials of their own).
+        self.clients = clients
+        self.tunnel_clients: dict[str, str] = {}
         # Per client, a stream judged at CONNECT time, until its TCP flow starts.
         self.streams: dict[str, Stream] = {}
 
@@ -401,15 +408,57 @@ class PolicyAddon:
             judged.upload = ByteCounter(judged.decision.max_tx_bytes)
             flow.request.stream = judged.upload
 
+    def _client_of(self, flow: http.HTTPFlow) -> str:
+        """The name the client proved (--clients): its tunnel's, from the CONNECT, else this request's own
+        proxy authentication. The credentials are taken off the request first: no rule, log or upstream
+        server ever sees them. Raises ClientAuthError for wrong ones, or none when a name is required."""
+        credentials = flow.request.headers.get_all("proxy-authorization")
+        if credentials:
+            del flow.request.headers["proxy-authorization"]
+        if (tunnel := self.tunnel_clients.get(flow.client_conn.id)) is not None:
+            return tunnel  # a request inside the tunnel cannot rename it
+        if self.clients is None or not isinstance(flow.client_conn.proxy_mode, RegularMode):
+            return ""
+        if len(credentials) > 1:
+            raise ClientAuthError("more than one Proxy-Authorization header")
+        return self.clients.identify(credentials[0] if credentials else None)
+
+    def _name_tunnel(self, flow: http.HTTPFlow) -> bool:
+        """At CONNECT time: remember the client the CONNECT names for every request in its tunnel, or
+        answer 407 (audited) and return False."""
+        started = time.time()
+        try:
+            self.tunnel_clients[flow.client_conn.id] = self._client_of(flow)
+        except ClientAuthError as exc:
+            decision = Decision.denied(str(exc), "client_auth")
+            peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
+            try:  # recorded as the HTTPS it nearly always is: the tunnel's content is never seen
+                request = Request.build("CONNECT", "https", flow.request.host, flow.request.port, "", requester_ip=peer)
+            except ValueError:
+                request = None
+            flow.response = deny_response(request, decision, PROXY_AUTH_REQUIRED)
+            if request is not None:
+                outcome = Outcome(status=PROXY_AUTH_REQUIRED, duration_ms=(time.time() - started) * 1000)
+                self.audit.record(started, request, decision, outcome)
+            return False
+        return True
+
     def _read(self, flow: http.HTTPFlow) -> tuple[Request | None, Refusal | None]:
         """The request to judge, or why it cannot be judged at all."""
+        unnamed: Refusal | None = None
+        try:
+            client = self._client_of(flow)
+        except ClientAuthError as exc:
+            client, unnamed = "", (Decision.denied(str(exc), "client_auth"), PROXY_AUTH_REQUIRED, "")
         try:
             named = redirected_destination(flow) if isinstance(flow.client_conn.proxy_mode, TransparentMode) else None
-            request = request_from_flow(flow, named)
+            request = request_from_flow(flow, named, client)
         except NoDestination as exc:
             return request_from_flow(flow), (Decision.denied(str(exc), exc.reason_code), 403, "")
         except ValueError as exc:
             return None, (Decision.denied(str(exc), "bad_request"), 400, "")
+        if unnamed is not None:
+            return request, unnamed
         if (problem := ambiguity(flow)) is not None:
             return request, (Decision.denied(problem, "malformed_request"), 400, "")
         return request, misdirection(flow, request)
@@ -518,6 +567,8 @@ class PolicyAddon:
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         """A CONNECT that says it carries a plain TCP stream is judged now: a refusal is the 403 the client
         shows (jail's ssh ProxyCommand prints its reason), an allowed stream is not judged again."""
+        if not self._name_tunnel(flow):
+            return
         if flow.request.headers.get(TUNNEL_HEADER, "").strip().lower() != "tcp":
             return
         stream = await self._judge_stream(flow.client_conn, flow.request.host, flow.request.port)
@@ -550,7 +601,7 @@ class PolicyAddon:
         """The rule's decision on `tcp://host:port`, then the address guard's (the same checks as for HTTP)."""
         started = time.time()
         peer = client.peername[0] if client.peername else ""
-        request = Request.stream(host, port, peer)
+        request = Request.stream(host, port, peer, self.tunnel_clients.get(client.id, ""))
         if self._is_proxy_itself(request):
             loop = Decision.denied("request addressed to jail's own proxy (loop refused)", "proxy_loop")
             return Stream(started, request, loop)
@@ -701,6 +752,7 @@ class PolicyAddon:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.destinations.forget(client.id)
+        self.tunnel_clients.pop(client.id, None)
         self.tls_failures.pop(client.id, None)
         self.streams.pop(client.id, None)
 
