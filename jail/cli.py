@@ -202,6 +202,14 @@ def rule_spec(
     return RuleSpec(kind, source, timeout, files=policy_files)  # type: ignore[arg-type]
 
 
+# The OpenTelemetry SDK's own variables: any of them turns export on without --otlp-endpoint.
+OTLP_ENDPOINT_VARIABLES = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+)
+
+
 def configure_logging(verbosity: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("jail: %(message)s"))
@@ -255,6 +263,15 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
     "--audit-log", type=click.Path(dir_okay=False, path_type=Path), help="Append one JSON object per request."
 )
 @click.option("--log-header-values", is_flag=True, help="Put header values (not only names) in the audit log.")
+@click.option(
+    "--otlp-endpoint",
+    metavar="URL",
+    help="Export each decision to this OpenTelemetry collector (OTLP/HTTP; default: $OTEL_EXPORTER_OTLP_ENDPOINT).",
+)
+@click.option(
+    "--har", "har_file", type=click.Path(dir_okay=False, path_type=Path), help="Write the run as a HAR 1.2 file."
+)
+@click.option("--har-bodies", is_flag=True, help="With --har: also the bodies (secrets masked).")
 @click.option(
     "--secret",
     "secret_specs",
@@ -339,6 +356,9 @@ def main(
     request_log: Path | None,
     audit_log: Path | None,
     log_header_values: bool,
+    otlp_endpoint: str | None,
+    har_file: Path | None,
+    har_bodies: bool,
     secret_specs: tuple[str, ...],
     secret_files: tuple[str, ...],
     allow_private: tuple[str, ...],
@@ -392,6 +412,8 @@ def main(
     spec = rule_spec(js, str(js_file) if js_file else None, sh, proc, policy_files, rule_timeout)
     profile = choose_profile(profile_name, no_profile, command)
     ask = ask_settings(ask_denials, ask_timeout, ask_save, ask_fd, policy_files, audit_mode)
+    if har_bodies and har_file is None:
+        raise click.UsageError("--har-bodies needs --har FILE")
     config = JailConfig(
         command=list(command),
         rule=spec,
@@ -401,9 +423,14 @@ def main(
         request_log=request_log,
         audit_log=audit_log,
         log_header_values=log_header_values,
+        otlp=bool(otlp_endpoint) or any(os.environ.get(name) for name in OTLP_ENDPOINT_VARIABLES),
+        otlp_endpoint=otlp_endpoint,
+        har=har_file,
+        har_bodies=har_bodies,
         upstream_ca=upstream_ca,
         upstream_proxy=upstream_proxy,
         server=server,
+        clients=client_tokens(clients_file, require_client),
         audit_mode=audit_mode,
         fail_on_deny=fail_on_deny,
         user=user,
@@ -450,7 +477,6 @@ def main(
             raise click.UsageError("--secret needs a command to hand the placeholder to (not --server)")
         config.listen = parse_listen(listen or "127.0.0.1:8080", listen_public)
         config.ready_file = ready_file
-        config.clients = client_tokens(clients_file, require_client)
     else:
         server_only = (("--listen", listen), ("--ready-file", ready_file), ("--clients", clients_file))
         if given := [name for name, value in (*server_only, ("--require-client", require_client)) if value]:

@@ -41,6 +41,8 @@ _GLOB_REGEX_TOKEN = re.compile(r"\.\*|\[\^/\]\*|\[\^/\]|\\(.)", re.DOTALL)
 def explain(config: JailConfig) -> str:
     """The explanation, one fact per line; raises JailError for a policy file that does not load."""
     lines = ["jail --explain: what this jail would do (nothing was started)"]
+    lines += _managed(config)
+    lines += _settings(config)
     lines.append(_what_runs(config))
     lines.append(_rule_header(config.rule))
     lines += [f"  {line}" for line in _rule_lines(config.rule)]
@@ -69,9 +71,51 @@ def explain(config: JailConfig) -> str:
             f"secret {secret.name}: placeholder in the child, real value only for https://{', '.join(sorted(secret.hosts))}"
         )
     lines.append(_upstream(config))
+    lines.extend(_clients(config))
     lines.extend(_profile(config))
     lines.extend(_filesystem(config))
     return "\n".join(lines)
+
+
+def _managed(config: JailConfig) -> list[str]:
+    """The administrator's policy, asked before anything the user set (jail/policies/managed.py)."""
+    from jail.policies.managed import ENVIRONMENT_VARIABLE, ManagedPolicy
+
+    path = config.managed_policy
+    if path is None:
+        return [f"managed policy: none (/etc/jail/policy.toml or ${ENVIRONMENT_VARIABLE})"]
+    default = ManagedPolicy(path).engine.policy.default
+    meaning = (
+        "what it does not deny goes on to the rule below"
+        if default == "allow"
+        else "only what it allows goes on to the rule below"
+    )
+    lines = [
+        f"managed policy: {path} (root's), asked first: its denials are final (audit mode, --ask, a profile's"
+        f" hosts and the rule below cannot lift them); default {default}: {meaning}"
+    ]
+    return lines + [f"  {line}" for line in _policy_lines(RuleSpec("policy", files=(path,)))]
+
+
+def _settings(config: JailConfig) -> list[str]:
+    """Where each setting came from: a flag, the project file or the user file (flags win, then the project)."""
+    files = ", ".join(map(str, config.config_files)) or "none"
+    lines = [f"config files read (flags win over the project file, it over the user file): {files}"]
+    lines += [f"  {flag}: {'flag' if where == 'flag' else 'from ' + where}" for flag, where in config.setting_origins]
+    lines += [f"  {note} (one choice: the highest source that makes it wins)" for note in config.config_overrides]
+    return lines
+
+
+def _clients(config: JailConfig) -> list[str]:
+    """--clients: who may name themselves (names only: a token never appears here)."""
+    clients = config.clients
+    if clients is None:
+        return []
+    unnamed = "get 407 (--require-client)" if clients.required else 'are let in as client ""'
+    return [
+        f"named clients (--clients): {', '.join(sorted(clients.tokens))}; rules see r.client, JAIL_CLIENT, policy"
+        f" client; a wrong token gets 407, clients without credentials {unnamed}"
+    ]
 
 
 def _what_runs(config: JailConfig) -> str:
@@ -202,6 +246,12 @@ def _logs(config: JailConfig) -> list[str]:
     if config.audit_log is not None:
         values = "with header values" if config.log_header_values else "header names only"
         lines.append(f"audit log: {config.audit_log} (one JSON object per request, {values})")
+    if config.otlp:
+        where = config.otlp_endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
+        lines.append(f"OpenTelemetry: a log record per decision, a span per allowed request, to {where} (OTLP/HTTP)")
+    if config.har is not None:
+        bodies = "with bodies, secrets masked" if config.har_bodies else "no bodies"
+        lines.append(f"HAR: {config.har} (HAR 1.2, written at the end of the run; {bodies})")
     if not lines:
         lines.append("logs: none")
     return lines

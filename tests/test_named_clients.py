@@ -288,3 +288,11 @@ def test_proxy_credentials_never_reach_upstream_without_clients(jail_server, htt
     assert wait_for(lambda: len(audit_records(log)) == 1)
     assert audit_records(log)[0]["client"] == ""
     never_leaked(log, http_upstream)
+
+
+def test_explain_names_the_clients_and_never_a_token(run_jail, clients_file):
+    result = run_jail("--server", "--js", "true", "--clients", str(clients_file), "--require-client", "--explain")
+    assert result.returncode == 0, result.stderr
+    assert "named clients (--clients): agent-a, agent-b" in result.stdout
+    assert "get 407 (--require-client)" in result.stdout
+    assert TOKEN_A not in result.stdout and TOKEN_B not in result.stdout
