@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jail.approvals import AskSettings
-from jail.audit import AuditSink
+from jail.audit import AuditSink, RecordSink
 from jail.model import JailError, ProxyEndpoint, Request
 from jail.platform import (
     Listeners,
@@ -31,7 +31,7 @@ from jail.policies import HostGrant, Judge, RuleSpec, build_engine
 from jail.profiles import Profile, home_dir
 from jail.proxy.ca import CertificateAuthority, TrustSources
 from jail.proxy.clients import ClientTokens
-from jail.proxy.secrets import Secret
+from jail.proxy.secrets import ResponseMasker, Secret
 from jail.proxy.upstream import UpstreamProxies, is_proxy_setting
 
 if TYPE_CHECKING:
@@ -58,6 +58,11 @@ class JailConfig:
     request_log: Path | None = None
     audit_log: Path | None = None
     log_header_values: bool = False
+    # OpenTelemetry export (--otlp-endpoint, or the SDK's OTEL_EXPORTER_OTLP_* variables).
+    otlp: bool = False
+    otlp_endpoint: str | None = None
+    har: Path | None = None
+    har_bodies: bool = False
     upstream_ca: Path | None = None
     # `--upstream-proxy URL`; without it, jail's own HTTPS_PROXY / HTTP_PROXY (if any).
     upstream_proxy: str | None = None
@@ -90,6 +95,9 @@ class JailConfig:
     config_overrides: tuple[str, ...] = ()
     # Questions to a person (jail/approvals): --ask, --ask-timeout, --ask-save, --ask-fd.
     ask: AskSettings = field(default_factory=AskSettings)
+    # --ui: the live page of the run (jail/approvals/page.py); its address goes to ui_file, else the terminal.
+    ui: bool = False
+    ui_file: Path | None = None
 
     def host_grant(self) -> HostGrant | None:
         profile = self.profile
@@ -166,10 +174,15 @@ class Session:
         await self.engine.start()
         self.stack.push_async_callback(self.engine.close)
         self.audit = AuditSink(
-            self.jail_id, self.config.request_log, self.config.audit_log, self.config.log_header_values
+            self.jail_id,
+            self.config.request_log,
+            self.config.audit_log,
+            self.config.log_header_values,
+            self._record_sinks(),
         )
         self.stack.callback(self.audit.close)
         await self._open_approvals()
+        await self._open_page()
         remove_orphan_dirs()
         self.workdir = make_workdir(self.jail_id)
         # This one and every other temp dir of the run (the backend's, the command's private temp dir).
@@ -193,6 +206,41 @@ class Session:
         self.approvals = await open_room(
             self.stack, self.jail_id, judge.decide, self.config.ask, self.audit.record_event
         )
+
+    async def _open_page(self) -> None:
+        """--ui: the live page, a record sink like the others but made after the approvals it answers.
+        Its --ui-file is made now and denied to the command, which must never read the page's token."""
+        if not self.config.ui:
+            return
+        from jail.approvals.page import LivePage, announce, prepare_ui_file
+
+        ui_file = self.config.ui_file
+        if ui_file is not None:
+            prepare_ui_file(ui_file)
+            self.stack.callback(ui_file.unlink, missing_ok=True)
+            if self.config.filesystem is not None:
+                self.config.filesystem = self.config.filesystem.denying([ui_file])
+        page = LivePage(self.jail_id, self.approvals)
+        announce(await page.start(), ui_file)
+        self.stack.push_async_callback(page.stop)
+        self.audit.sinks.append(page)
+
+    def _record_sinks(self) -> list[RecordSink]:
+        """The writers of the decision record besides the two logs. The OpenTelemetry SDK is imported
+        only when export is asked for: jail's start-up does not pay for it otherwise."""
+        config = self.config
+        sinks: list[RecordSink] = []
+        if config.har is not None:
+            from jail.audit.har import HarSink
+
+            mask = ResponseMasker(list(config.secrets)).mask if config.secrets else None
+            sinks.append(HarSink(config.har, config.har_bodies, config.log_header_values, mask))
+        if config.otlp:
+            from jail.audit.otlp import OtlpSink
+
+            profile = config.profile.name if config.profile else None
+            sinks.append(OtlpSink(config.otlp_endpoint, profile, config.log_header_values))
+        return sinks
 
     async def _serve(self, listeners: Listeners, isolated: bool) -> None:
         """Serve the backend's sockets: the proxy (started last, it is the slow part) and jail's resolver."""

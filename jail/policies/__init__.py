@@ -6,9 +6,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from jail.model import Decision, JailError, Request
+
+if TYPE_CHECKING:
+    from jail.policies.managed import ManagedPolicy
 
 logger = logging.getLogger("jail.rule")
 
@@ -76,16 +79,34 @@ class HostGrant:
 class Judge:
     """Asks the engine, times the answer, and turns any failure into a deny (fail closed).
 
+    The `managed` policy is asked first: its deny is final, whatever comes after it (jail/policies/managed.py).
     A `grant` widens the rule: what the rule denies to a granted host is allowed (never the other way).
-    In audit mode every deny is let through as `would_deny`.
+    In audit mode every deny of the rule is let through as `would_deny`.
     """
 
-    def __init__(self, engine: Engine, audit_mode: bool = False, grant: HostGrant | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        audit_mode: bool = False,
+        grant: HostGrant | None = None,
+        managed: ManagedPolicy | None = None,
+    ) -> None:
         self.engine = engine
         self.audit_mode = audit_mode
         self.grant = grant
+        self.managed = managed
 
     async def decide(self, request: Request) -> Decision:
+        if self.managed is None:
+            return await self._decide(request)
+        floor = await self.managed.check(request)
+        if not floor.allow:
+            return floor  # neither audit mode, nor a grant, nor a person asked later can lift it
+        from jail.policies.managed import capped
+
+        return capped(await self._decide(request), floor)
+
+    async def _decide(self, request: Request) -> Decision:
         started = time.perf_counter()
         try:
             decision = await self.engine.decide(request)
