@@ -221,9 +221,10 @@ class Session:
             if self.config.filesystem is not None:
                 self.config.filesystem = self.config.filesystem.denying([ui_file])
         page = LivePage(self.jail_id, self.approvals)
-        announce(await page.start(), ui_file)
+        address = await page.start()
         self.stack.push_async_callback(page.stop)
         self.audit.sinks.append(page)
+        announce(address, ui_file)
 
     def _record_sinks(self) -> list[RecordSink]:
         """The writers of the decision record besides the two logs. The OpenTelemetry SDK is imported
