@@ -313,17 +313,19 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 @click.option("--no-profile", is_flag=True, help="No agent profile, even for a command that has one.")
 @click.option("--ask", "ask_denials", is_flag=True, help="Ask a person (jail ask) instead of denying by the rule.")
-@click.option("--ask-timeout", type=float, default=60.0, metavar="S", help="Deny a question nobody answered in S s (60).")
+@click.option(
+    "--ask-timeout", type=float, default=60.0, metavar="S", help="Deny a question nobody answered in S s (60)."
+)
 @click.option("--ask-save", type=click.Path(dir_okay=False, path_type=Path), help="Append 'always' answers here.")
 @click.option("--ask-fd", metavar="N|R,W", help="Questions and answers as JSON lines on inherited fds.")
-@click.option("--test", "test_flag", is_flag=True, hidden=True)
-@click.option("--test-url", hidden=True)
 @click.option("--ui", is_flag=True, help="Serve a live page of the run (requests, questions, totals) on loopback.")
 @click.option(
     "--ui-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="With --ui: write the page's address (it holds a secret token) to this new file, not to the terminal.",
 )
+@click.option("--test", "test_flag", is_flag=True, hidden=True)
+@click.option("--test-url", hidden=True)
 @click.option("--test-method", hidden=True, default="GET")
 @click.option("--explain", is_flag=True, help="Say what the jail would allow and restrict, without running anything.")
 @click.option("--server", is_flag=True, help="Run only the proxy (127.0.0.1:8080 unless --listen).")
@@ -383,10 +385,10 @@ def main(
     ask_timeout: float,
     ask_save: Path | None,
     ask_fd: str | None,
-    test_flag: bool,
-    test_url: str | None,
     ui: bool,
     ui_file: Path | None,
+    test_flag: bool,
+    test_url: str | None,
     test_method: str,
     explain: bool,
     server: bool,
@@ -457,22 +459,22 @@ def main(
             (*rule_files(spec), *layers.files, *([ask.save_to] if ask.save_to else [])),
         ),
         ask=ask,
-        profile=profile,
-        profile_named=profile_name is not None,
         ui=ui,
         ui_file=ui_file,
+        profile=profile,
+        profile_named=profile_name is not None,
         secrets=parse_secrets(secret_specs, secret_files),
         managed_policy=managed_policy,
         setting_origins=origins(context, layers),
         config_files=layers.files,
         config_overrides=tuple(layers.overridden),
     )
-    if explain:
-        from jail.explain import explain as explain_text
     if ui_file is not None and not ui:
         raise click.UsageError("--ui-file goes with --ui")
     if ui_file is not None and config.filesystem is None:
         raise click.UsageError("--ui-file needs the filesystem restrictions: the command could read the page's token")
+    if explain:
+        from jail.explain import explain as explain_text
 
         click.echo(explain_text(config))
         sys.exit(0)

@@ -89,9 +89,9 @@ def test_non_zero_exit_without_output_names_the_status():
 
 
 def test_stderr_is_not_the_reason():
-    decision = one("echo 'diagnostic' >&2; exit 2")
+    decision = one("echo 'diagnostic' >&2; exit 3")
     assert decision.allow is False
-    assert decision.reason == "rule script exited with status 2"
+    assert decision.reason == "rule script exited with status 3"
 
 
 def test_plain_text_on_stdout_with_exit_zero_still_allows():

@@ -6,16 +6,22 @@ from other jails sharing the file) never interleave, and nothing waits in a buff
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
+import logging
 import math
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from jail.model import Decision, JailError, Request
+
+logger = logging.getLogger("jail.audit")
 
 
 def rfc3339_ms(timestamp: float) -> str:
@@ -50,6 +56,34 @@ class AppendOnlyFile:
 
 
 @dataclass
+class Exchange:
+    """The HTTP messages around a decision, beyond what the audit log keeps: made only for a sink that
+    writes them (HAR), and with bodies only when it asks for them (`Keep.BODIES`)."""
+
+    http_version: str = ""
+    status_text: str = ""
+    response_headers: list[tuple[str, str]] | None = None
+    # Bodies as the child sent and received them (placeholders, never a secret's real value), decoded
+    # from their Content-Encoding, at most BODY_LIMIT bytes each; None when not kept.
+    request_body: bytes | None = None
+    response_body: bytes | None = None
+    # The body was longer than BODY_LIMIT (or its content encoding could not be undone).
+    truncated: bool = False
+
+
+# The most of each body a sink is handed: a HAR of a run that downloads an image stays readable.
+BODY_LIMIT = 1 << 20
+
+
+class Keep(enum.IntEnum):
+    """How much of the HTTP exchange a record sink needs beyond the audit record."""
+
+    RECORD = 0  # the audit record alone
+    MESSAGES = 1  # also the status text and response headers (`Outcome.exchange`)
+    BODIES = 2  # also both bodies
+
+
+@dataclass
 class Outcome:
     """What happened after the decision: the status the client got and the bytes moved."""
 
@@ -67,6 +101,8 @@ class Outcome:
     reason_code: str = ""
     # A TCP stream only: how it ended, one of the STREAM_END_* values or "error: what happened".
     end: str = ""
+    # Set by the proxy only when a record sink asks for more than the audit record (`Keep`).
+    exchange: Exchange | None = None
 
 
 # How a TCP stream ended (`Outcome.end`, the record's "end").
@@ -82,8 +118,31 @@ def stream_error(problem: str) -> str:
     return f"error: {problem}"
 
 
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One judged request or stream as every record sink sees it: the audit log's fields (made in one
+    place, so a field added there reaches every sink), and the objects they were made from."""
+
+    started: float
+    fields: dict[str, Any]
+    request: Request
+    decision: Decision
+    outcome: Outcome
+
+
+class RecordSink(Protocol):
+    """A writer of decision records besides the two logs (OTLP, HAR). `write` runs on the proxy's
+    event loop for every request: it hands the record on (a queue, a list) and does no I/O."""
+
+    keeps: Keep
+
+    def write(self, record: Record) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class AuditSink:
-    """Writes one line per judged request to each configured log."""
+    """Writes one line per judged request to each configured log, and hands the record to each sink."""
 
     def __init__(
         self,
@@ -91,8 +150,12 @@ class AuditSink:
         request_log: Path | None = None,
         audit_log: Path | None = None,
         include_header_values: bool = False,
+        sinks: Sequence[RecordSink] = (),
     ) -> None:
         self.jail_id = jail_id
+        self.sinks = list(sinks)
+        # What the proxy must keep of each exchange for the most demanding sink.
+        self.keeps = max((sink.keeps for sink in self.sinks), default=Keep.RECORD)
         self.include_header_values = include_header_values
         self.request_log = AppendOnlyFile(request_log, "--request-log") if request_log else None
         self.audit_log = AppendOnlyFile(audit_log, "--audit-log") if audit_log else None
@@ -100,16 +163,30 @@ class AuditSink:
 
     def record(self, started: float, request: Request, decision: Decision, outcome: Outcome) -> None:
         """One judged request or TCP stream (`Request.stream`, with `outcome.end` set): a line in the
-        request log (`+ CONNECT tcp://host:22`) and a record in the audit log."""
+        request log (`+ CONNECT tcp://host:22`), a record in the audit log, and the same record to each sink."""
         self.verdicts[decision.verdict] += 1
-        if self.request_log is None and self.audit_log is None:
+        if self.request_log is None and self.audit_log is None and not self.sinks:
             return
         when = rfc3339_ms(started)
         if self.request_log is not None:
             mark = "+" if decision.allow else "-"
             self.request_log.write_line(f"{when} {mark} {request.method} {request.url}")
+        if self.audit_log is None and not self.sinks:
+            return
+        fields = self._audit_record(started, request, decision, outcome, when)
         if self.audit_log is not None:
-            self.audit_log.write_line(json.dumps(self._audit_record(started, request, decision, outcome, when)))
+            self.audit_log.write_line(json.dumps(fields))
+        if self.sinks:
+            self._hand_on(Record(started, fields, request, decision, outcome))
+
+    def _hand_on(self, record: Record) -> None:
+        """A failing sink is dropped with one warning: the request and the logs go on without it."""
+        for sink in list(self.sinks):
+            try:
+                sink.write(record)
+            except Exception as exc:
+                logger.warning("%s stopped: %s", type(sink).__name__, exc)
+                self.sinks.remove(sink)
 
     def record_dns(self, name: str, qtype: str, requester_ip: str, answer: str) -> None:
         """A query to jail's own resolver: recorded, never forwarded."""
@@ -125,6 +202,11 @@ class AuditSink:
                 "answer": answer,
             }
             self.audit_log.write_line(json.dumps(record))
+
+    def record_event(self, event: dict) -> None:
+        """Something that is not a request but belongs in the audit trail (e.g. a refused answer)."""
+        if self.audit_log is not None:
+            self.audit_log.write_line(json.dumps({"time": rfc3339_ms(time.time()), "jail_id": self.jail_id, **event}))
 
     def _audit_record(
         self, started: float, request: Request, decision: Decision, outcome: Outcome, when: str | None = None
@@ -153,6 +235,9 @@ class AuditSink:
             record["error"] = outcome.error
         if outcome.via:
             record["via"] = outcome.via
+        if decision.asked or decision.answered_by:
+            record["asked"] = decision.asked
+            record["answered_by"] = decision.answered_by
         if outcome.end:
             record["end"] = outcome.end
         return record
@@ -161,3 +246,5 @@ class AuditSink:
         for log in (self.request_log, self.audit_log):
             if log is not None:
                 log.close()
+        for sink in self.sinks:
+            sink.close()

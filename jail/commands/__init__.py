@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from jail.commands.ask import ask
 from jail.commands.check import check
 from jail.commands.report import log, suggest
 
@@ -19,5 +20,6 @@ def policy() -> None:
 
 
 tools.add_command(log)
+tools.add_command(ask)
 policy.add_command(check)
 policy.add_command(suggest)

@@ -5,6 +5,7 @@ Grammar (httpjail's, made fail-closed):
     {"allow": true|false}
     {"deny_message": "..."}                 deny with that message
     {"allow": {"max_tx_bytes": N}}          allow, cap the upload at N bytes
+    {"ask": true}                           ask a person (jail/approvals); deny_message is the reason
     anything else                           deny, the text is the reason
 As in httpjail, `deny_message` is the reason when the answer denies and is ignored when it allows, so
 `{allow: r.host === 'x', deny_message: 'only x'}` works for both outcomes. Unlike httpjail, `{}`,
@@ -18,7 +19,7 @@ from typing import Any
 
 from jail.model import Decision
 
-ANSWER_KEYS = ("allow", "deny_message")
+ANSWER_KEYS = ("allow", "deny_message", "ask")
 
 
 def _mistake(message: str) -> Decision:
@@ -30,11 +31,18 @@ def _parse_object(answer: dict[str, Any]) -> Decision:
         return _mistake("empty object {} (answer true, false, {allow: ...} or {deny_message: ...})")
     unknown = sorted(set(answer) - set(ANSWER_KEYS))
     if unknown:
-        return _mistake(f"unknown key {unknown[0]!r} (known keys: allow, deny_message)")
-    allow = answer.get("allow", False if "deny_message" in answer else None)
+        return _mistake(f"unknown key {unknown[0]!r} (known keys: allow, deny_message, ask)")
     message = answer.get("deny_message")
     if message is not None and not isinstance(message, str):
         return _mistake("deny_message must be a string")
+    ask = answer.get("ask", False)
+    if not isinstance(ask, bool):
+        return _mistake(f"ask must be true or false, not {json.dumps(ask)}")
+    if ask:
+        if answer.get("allow", False) is not False:
+            return _mistake("ask: true with an allow: ask, or allow, not both")
+        return Decision.asking(message or "")
+    allow = answer.get("allow", False if "deny_message" in answer or "ask" in answer else None)
     if isinstance(allow, bool):
         return Decision.allowed() if allow else Decision.denied(message or "denied by rule")
     if isinstance(allow, dict):
