@@ -31,12 +31,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mitmproxy import connection, http, tcp
+from mitmproxy.net import encoding
 from mitmproxy.net.http import url
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.layers import tls
 from mitmproxy.proxy.mode_specs import RegularMode, TransparentMode
 
-from jail.audit import STREAM_END_CLOSED, STREAM_END_DENIED, STREAM_END_REFUSED, AuditSink, Outcome, stream_error
+from jail.audit import (
+    BODY_LIMIT,
+    STREAM_END_CLOSED,
+    STREAM_END_DENIED,
+    STREAM_END_REFUSED,
+    AuditSink,
+    Exchange,
+    Keep,
+    Outcome,
+    stream_error,
+)
 from jail.model import DEFAULT_PORTS, Decision, Request, format_authority, normalize_host
 from jail.proxy.clients import ClientAuthError, ClientTokens
 from jail.proxy.guard import AddressGuard
@@ -222,12 +233,16 @@ def presented_chain(chain: list[Any]) -> str:
 
 class ByteCounter:
     """A mitmproxy stream callable that counts bytes and, given a limit, cuts the rest; an optional
-    transform (secret masking) runs first."""
+    transform (secret masking) runs first. With `keep`, the first BODY_LIMIT bytes sent on are kept
+    for a record sink (a streamed body is not kept by mitmproxy)."""
 
-    def __init__(self, limit: int | None = None, transform: Callable[[bytes], bytes] | None = None) -> None:
+    def __init__(
+        self, limit: int | None = None, transform: Callable[[bytes], bytes] | None = None, keep: bool = False
+    ) -> None:
         self.limit = limit
         self.transform = transform
         self.count = 0
+        self.kept = bytearray() if keep else None
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         if self.transform is not None:
@@ -235,8 +250,41 @@ class ByteCounter:
         if self.limit is not None:
             chunk = chunk[: max(0, self.limit - self.count)]
         self.count += len(chunk)
+        if self.kept is not None and len(self.kept) < BODY_LIMIT:
+            self.kept += chunk[: BODY_LIMIT - len(self.kept)]
         # An empty chunk on a chunked HTTP/1 connection would read as the end of the body.
         return chunk if chunk else []
+
+
+def kept_body(message: http.Message, counter: ByteCounter | None) -> tuple[bytes | None, bool]:
+    """A body as it was sent on (masked), decoded from its Content-Encoding and cut at BODY_LIMIT, and
+    whether it is incomplete (cut, or not decodable and given as received)."""
+    raw = message.raw_content if counter is None else None if counter.kept is None else bytes(counter.kept)
+    if raw is None:
+        return None, False
+    cut = counter is not None and counter.count > len(raw)
+    try:
+        body = encoding.decode(raw, message.headers.get("content-encoding", "identity"))
+    except ValueError:
+        return raw[:BODY_LIMIT], True
+    assert isinstance(body, bytes)
+    return body[:BODY_LIMIT], cut or len(body) > BODY_LIMIT
+
+
+def exchange_of(flow: http.HTTPFlow, judged: Judged, keeps: Keep) -> Exchange:
+    """What a record sink asked to see of the exchange beyond the audit record."""
+    exchange = Exchange(http_version=flow.request.http_version)
+    response = flow.response
+    if response is not None:
+        exchange.status_text = response.reason
+        exchange.response_headers = list(response.headers.items(multi=True))
+    if keeps >= Keep.BODIES:
+        exchange.request_body, cut_up = kept_body(flow.request, judged.upload)
+        cut_down = False
+        if response is not None:
+            exchange.response_body, cut_down = kept_body(response, judged.download)
+        exchange.truncated = cut_up or cut_down
+    return exchange
 
 
 @dataclass
@@ -405,7 +453,7 @@ class PolicyAddon:
         if judged.failure is not None:
             flow.request.stream = False  # answered already (the name does not resolve)
         elif judged.decision.max_tx_bytes is not None or flow.request.stream:
-            judged.upload = ByteCounter(judged.decision.max_tx_bytes)
+            judged.upload = ByteCounter(judged.decision.max_tx_bytes, keep=self.audit.keeps >= Keep.BODIES)
             flow.request.stream = judged.upload
 
     def _client_of(self, flow: http.HTTPFlow) -> str:
@@ -707,7 +755,7 @@ class PolicyAddon:
                     headers.set_all(name, masked)
             reframe_for_rewritten_body(flow)
         if flow.response.stream is True or masker is not None:
-            judged.download = ByteCounter(transform=masker)
+            judged.download = ByteCounter(transform=masker, keep=self.audit.keeps >= Keep.BODIES)
             flow.response.stream = judged.download
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -776,5 +824,6 @@ class PolicyAddon:
             address=judged.address,
             via=judged.via,
             reason_code=judged.failure.reason_code if judged.failure else "",
+            exchange=exchange_of(flow, judged, self.audit.keeps) if self.audit.keeps else None,
         )
         self.audit.record(judged.started, judged.request, judged.decision, outcome)
