@@ -167,8 +167,7 @@ def read_file(path: Path, options: dict[str, click.Option], ctx: click.Context) 
         try:
             converted = _value(value, option, path.absolute().parent, ctx)
         except (ValueError, click.BadParameter) as exc:
-            message = exc.format_message() if isinstance(exc, click.BadParameter) else str(exc)
-            raise JailError(f"{name}:{line}: '{key}': {message}") from None
+            raise JailError(f"{name}:{line}: '{key}': {exc}") from None
         settings.append(Setting(key, converted, f"{name}:{line}"))
     for group in ONE_CHOICE:
         made = [setting for setting in settings if setting.name in group and setting.value is not False]

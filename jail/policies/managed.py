@@ -59,7 +59,9 @@ def check_owned_by_root(path: Path) -> None:
                     " a policy the user can change is not managed; refusing to run"
                 )
             sticky_folder = stat.S_ISDIR(status.st_mode) and status.st_mode & stat.S_ISVTX
-            if status.st_mode & 0o022 and not (sticky_folder and entry != chain):
+            # A symlink's own mode means nothing (its target is checked as the second chain).
+            loose = status.st_mode & 0o022 and not stat.S_ISLNK(status.st_mode)
+            if loose and not (sticky_folder and entry != chain):
                 raise JailError(
                     f"managed policy {path}: {entry} is writable by group or others"
                     f" (mode {stat.S_IMODE(status.st_mode):o}); refusing to run"
