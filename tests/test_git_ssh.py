@@ -354,3 +354,39 @@ def test_proxy_command_survives_odd_paths(tmp_path, monkeypatch, sshd, jail_serv
     command = f"{ssh_command(endpoint)} {SSH_OPTIONS} root@{GIT_NAME} echo over-the-odd-path"
     result = subprocess.run(["sh", "-c", command], cwd=project, capture_output=True, text=True, timeout=30)
     assert result.stdout.strip() == "over-the-odd-path", result.stderr
+
+
+# --- the user's SSH agent -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def ssh_agent(tmp_path: Path, sshd: SshServer) -> Iterator[dict[str, str]]:
+    """A real ssh-agent outside the jail holding the test key (its socket path in SSH_AUTH_SOCK)."""
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
+    try:
+        assert wait_for(socket_path.exists, 10)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(socket_path)}
+        subprocess.run(["ssh-add", "-q", str(sshd.client_key)], env=env, check=True, capture_output=True)
+        yield {"SSH_AUTH_SOCK": str(socket_path)}
+    finally:
+        agent.terminate()
+        agent.wait(10)
+
+
+def test_the_users_agent_is_out_of_reach_inside(run_jail, jail_env, ssh_agent, sshd, tmp_path):
+    """Without a way to relay it safely (no --ssh-agent yet), the agent's socket stays unreachable like every
+    other Unix socket, and a clone that needs its key fails without reaching the key."""
+    listed = subprocess.run(["ssh-add", "-l"], env={**os.environ, **ssh_agent}, capture_output=True, text=True)
+    assert listed.returncode == 0, "the agent outside holds the key"
+    env = {**jail_env, **ssh_agent}
+    inside = run_jail("--weak", "--js", ALLOW_SSH, "--", "ssh-add", "-l", env=env, cwd=tmp_path)
+    assert inside.returncode == 2, inside.stdout + inside.stderr  # 2: cannot reach the agent
+    assert "Error connecting to agent" in inside.stderr
+    clone = run_jail(
+        "--weak", "--allow-private", f"{sshd.address}/32", "--js", ALLOW_SSH, "--", "sh", "-c",
+        'export GIT_SSH_COMMAND="$GIT_SSH_COMMAND -o BatchMode=yes -o StrictHostKeyChecking=no '
+        f'-o UserKnownHostsFile=$PWD/known_hosts"; git clone -q {sshd.url()} clone',
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert clone.returncode != 0 and "Permission denied (publickey)" in clone.stderr
