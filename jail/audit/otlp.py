@@ -14,6 +14,7 @@ Endpoint, headers, resource and timeouts come from the usual `OTEL_*` variables 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +37,7 @@ from jail.audit import Keep, Record
 # jail's exit waits this long at most for the last batches.
 SHUTDOWN_SECONDS = 2.0
 SCOPE = "jail"
+logger = logging.getLogger("jail.otlp")
 
 # Audit record fields with a semantic-convention name; every other field is `jail.<field>`.
 SEMANTIC_NAMES = {
@@ -91,6 +93,30 @@ def record_attributes(fields: Mapping[str, Any], include_details: bool) -> dict[
     return attributes
 
 
+class FirstProblemOnly(logging.Handler):
+    """The SDK warns at every failed batch: a collector that is down would fill jail's stderr. Its first
+    warning is passed on to jail's log (with how to see the rest), later ones only with -v."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.shown = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        verbose = logger.isEnabledFor(logging.INFO)
+        if self.shown and not verbose:
+            return
+        if not self.shown and not verbose:
+            record.msg = f"OpenTelemetry export: {record.msg} (further export problems: jail -v)"
+        self.shown = True
+        logger.handle(record)
+
+    @classmethod
+    def install(cls) -> None:
+        sdk = logging.getLogger("opentelemetry")
+        sdk.propagate = False
+        sdk.handlers[:] = [cls()]
+
+
 def _resource() -> Resource:
     """service.name is "jail" unless OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES say otherwise."""
     return Resource.create({SERVICE_NAME: "jail", SERVICE_VERSION: __version__}).merge(OTELResourceDetector().detect())
@@ -109,6 +135,7 @@ class OtlpSink:
 
     def __init__(self, endpoint: str | None, profile: str | None = None, include_details: bool = False) -> None:
         self.include_details = include_details
+        FirstProblemOnly.install()
         self.profile = profile
         resource = _resource()
         self.logger_provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
