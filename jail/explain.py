@@ -14,16 +14,20 @@ from jail.policies import DEFAULT_TIMEOUTS, RuleSpec, rule_files
 from jail.profiles import detect, home_dir
 from jail.session import JailConfig
 
+# What the isolated modes with a firewall do with TCP to any port (and with DNS and UDP).
+TCP_BY_NAME = (
+    "TCP to any address and port is redirected to jail, so programs that ignore proxy variables are judged"
+    " too: HTTP and TLS per request (by Host / SNI, on any port), any other stream (SSH, databases) once as"
+    ' CONNECT tcp://NAME:PORT (a rule allows it with scheme "tcp"), NAME being the name its synthetic address'
+    " stands for (jail's resolver gives each name one; no query leaves the machine); UDP is refused, so QUIC"
+    " falls back to TCP"
+)
 STRONG_GUARANTEES = (
-    "own network namespace; only TCP to the proxy, to ports 80/443 (redirected to the proxy, so programs that"
-    " ignore proxy variables are judged too) and DNS to jail's resolver (no query leaves the machine) get out;"
-    " other ports, UDP, ICMP and IPv6 are rejected; the command runs without capabilities"
+    f"own network namespace; {TCP_BY_NAME}; ICMP and IPv6 are rejected; the command runs without capabilities"
 )
 ROOTLESS_GUARANTEES = (
-    "own user and network namespace with loopback only; jail's proxy and resolver are the only way out"
-    " (ports 80/443 to anywhere are redirected to the proxy, so programs that ignore proxy variables are"
-    " judged too; DNS to any server gets jail's answer); everything else is refused; the command runs as you,"
-    " without capabilities over its network"
+    f"own user and network namespace with loopback only, jail the only way out; {TCP_BY_NAME}; DNS to any"
+    " server gets jail's answer; the command runs as you, without capabilities over its network"
 )
 NAMESPACE_GUARANTEES = (
     "own user and network namespace with loopback only and no firewall: jail's proxy (reached through the"
@@ -52,6 +56,7 @@ def explain(config: JailConfig) -> str:
         lines.append(
             "audit mode (--audit): every request is allowed; what the rule would deny is recorded as would-deny"
         )
+    lines += _ask_lines(config)
     if config.fail_on_deny:
         lines.append("fail on deny (--fail-on-deny): exit non-zero if any request was (or would have been) denied")
     lines.append(f"mode: {_mode(config)}")
@@ -116,6 +121,20 @@ def _clients(config: JailConfig) -> list[str]:
         f"named clients (--clients): {', '.join(sorted(clients.tokens))}; rules see r.client, JAIL_CLIENT, policy"
         f" client; a wrong token gets 407, clients without credentials {unnamed}"
     ]
+
+
+def _ask_lines(config: JailConfig) -> list[str]:
+    """Who is asked, for how long, and where "always" answers go (jail/approvals)."""
+    ask = config.ask
+    which = "every denial by the rule, and every ask" if ask.ask_denials else "only when the rule answers ask"
+    lines = [
+        f"questions ({'--ask' if ask.ask_denials else 'no --ask'}): {which} waits for `jail ask`"
+        + (f" or --ask-fd {ask.fd}" if ask.fd else "")
+        + f", denied after {ask.timeout:g} s without an answer"
+    ]
+    if ask.save_to is not None:
+        lines.append(f"  always answers are appended to {ask.save_to} (read-only to the command)")
+    return lines
 
 
 def _what_runs(config: JailConfig) -> str:

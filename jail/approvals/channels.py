@@ -34,6 +34,7 @@ from jail.model import JailError
 logger = logging.getLogger("jail.ask")
 
 PR_SET_DUMPABLE = 4
+PID_SUFFIX = ".pid"
 
 
 def own_private_dir(path: Path) -> Path:
@@ -60,6 +61,13 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return struct.unpack("3i", data)
 
 
+def process_identity(pid: int | str) -> str:
+    """`PID STARTTIME`: names one process, never a later one that got the same pid."""
+    with open(f"/proc/{pid}/stat", "rb") as file:
+        fields = file.read().rsplit(b")", 1)[1].split()
+    return f"{pid if pid != 'self' else os.getpid()} {int(fields[19])}"
+
+
 def descends_from(pid: int, ancestor: int) -> bool:
     while pid > 1:
         if pid == ancestor:
@@ -80,14 +88,29 @@ def same_network_namespace(pid: int) -> bool:
         return False
 
 
+def running_jails() -> set[int]:
+    """The pids of this user's running jails, each written beside its socket: a process that descends from
+    any of them is a jailed command (of this jail or another), never the person."""
+    pids = {os.getpid()}
+    for folder in socket_dirs():
+        with contextlib.suppress(OSError):
+            for path in folder.glob(f"*{PID_SUFFIX}"):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    identity = path.read_text()
+                    pid = identity.split()[0]
+                    if process_identity(pid) == identity:  # that jail still runs (a killed one's file is stale)
+                        pids.add(int(pid))
+    return pids
+
+
 def refusal(pid: int, uid: int) -> str | None:
     """Why a peer may not answer, or None when it may."""
     if uid not in (os.geteuid(), 0):
         return f"peer uid {uid} is not jail's user"
     if pid <= 0:
         return "peer pid unknown"
-    if descends_from(pid, os.getpid()):
-        return f"peer pid {pid} is a process of the jailed command"
+    if any(descends_from(pid, jail) for jail in running_jails()):
+        return f"peer pid {pid} is a process of a jailed command"
     if not same_network_namespace(pid):
         return f"peer pid {pid} is in another network namespace (the jail's)"
     return None
@@ -135,11 +158,14 @@ class SocketChannel:
 
     def __init__(self, approvals: Approvals) -> None:
         self.approvals = approvals
-        self.path = own_private_dir(socket_dirs()[0]) / f"{approvals.jail_id}{SOCKET_SUFFIX}"
+        folder = own_private_dir(socket_dirs()[0])
+        self.path = folder / f"{approvals.jail_id}{SOCKET_SUFFIX}"
+        self.pid_file = folder / f"{approvals.jail_id}{PID_SUFFIX}"
         self.server: asyncio.AbstractServer | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        self.pid_file.write_text(process_identity("self"))
         self.path.unlink(missing_ok=True)
         self.server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_LINE_BYTES)
         os.chmod(self.path, 0o600)
@@ -173,6 +199,7 @@ class SocketChannel:
         for task in list(self.tasks):
             task.cancel()
         self.path.unlink(missing_ok=True)
+        self.pid_file.unlink(missing_ok=True)
 
 
 def parse_fds(value: str) -> tuple[int, int]:

@@ -60,6 +60,7 @@ class Entry:
     duration_ms: float = 0.0
     source: str = ""
     end: str = ""  # a TCP stream: how it ended
+    answered_by: str = ""  # a person was asked (cli, ui, fd) or nobody answered (timeout)
 
     @property
     def url(self) -> str:
@@ -148,6 +149,7 @@ def entry_from_record(record: object, source: str = "") -> Entry:
         duration_ms=float(_number(record, "duration_ms", float)),
         source=source,
         end=_text(record, "end", ""),
+        answered_by=_text(record, "answered_by", "") if record.get("asked") is True else "",
     )
 
 
@@ -160,6 +162,10 @@ def _lines(path: str) -> Iterator[str]:
             yield from stream
     except OSError as exc:
         raise JailError(f"cannot read audit log {path}: {exc.strerror or exc}") from None
+
+
+# Audit records that are events, not requests: not part of a report.
+EVENT_KINDS = frozenset({"ask_refused"})
 
 
 def load_audit_logs(paths: Sequence[str | Path]) -> AuditLog:
@@ -175,7 +181,10 @@ def load_audit_logs(paths: Sequence[str | Path]) -> AuditLog:
                 continue
             where = f"{name}:{number}"
             try:
-                log.entries.append(entry_from_record(json.loads(line), where))
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("kind") in EVENT_KINDS:
+                    continue
+                log.entries.append(entry_from_record(record, where))
             except json.JSONDecodeError:
                 log.malformed.append(f"{where}: not JSON")
             except (ValueError, TypeError, OverflowError) as exc:
@@ -279,6 +288,7 @@ class Summary:
     total: Tally
     refused: list[RefusedRequest]  # most frequent first
     streams: list[Entry] = field(default_factory=list)  # the TCP streams, in time order
+    asked: list[Entry] = field(default_factory=list)  # the requests a person was asked about, in time order
     first: datetime | None = None
     last: datetime | None = None
 
@@ -310,6 +320,7 @@ def summarize(entries: Sequence[Entry]) -> Summary:
         total=total,
         refused=refused_list,
         streams=[entry for entry in entries if entry.scheme == "tcp"],
+        asked=[entry for entry in entries if entry.answered_by],
         first=min(times) if times else None,
         last=max(times) if times else None,
     )
@@ -423,6 +434,22 @@ def render_text(summary: Summary) -> str:
         lines += _aligned(["VERDICT", "COUNT", "METHOD", "URL", "REASON"], refused_rows, "lrlll")
         if len(summary.refused) > limit:
             lines.append(f"... and {len(summary.refused) - limit} more")
+    if summary.asked:
+        limit = MAX_DENIED_ROWS["text"]
+        asked_rows = [
+            [
+                format_time(e.time),
+                VERDICT_LABELS[e.decision],
+                e.answered_by,
+                safe_text(e.method),
+                _shorten(safe_text(e.url), 80),
+            ]
+            for e in summary.asked[-limit:]
+        ]
+        lines += ["", "Asked a person:"]
+        lines += _aligned(["TIME", "VERDICT", "ANSWERED BY", "METHOD", "URL"], asked_rows, "lllll")
+        if len(summary.asked) > limit:
+            lines.append(f"... and {len(summary.asked) - limit} earlier")
     if summary.streams:
         limit = MAX_DENIED_ROWS["text"]
         lines += ["", "TCP streams:"]
