@@ -103,6 +103,20 @@ def running_jails() -> set[int]:
     return pids
 
 
+def remove_stale(folder: Path) -> None:
+    """The socket and pid file of a jail that was killed (its process is gone or is another one now)."""
+    for pid_file in folder.glob(f"*{PID_SUFFIX}"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            identity = pid_file.read_text()
+            try:
+                alive = process_identity(identity.split()[0]) == identity
+            except OSError:
+                alive = False
+            if not alive:
+                pid_file.with_suffix(SOCKET_SUFFIX).unlink(missing_ok=True)
+                pid_file.unlink()
+
+
 def refusal(pid: int, uid: int) -> str | None:
     """Why a peer may not answer, or None when it may."""
     if uid not in (os.geteuid(), 0):
@@ -165,6 +179,7 @@ class SocketChannel:
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        remove_stale(self.pid_file.parent)
         self.pid_file.write_text(process_identity("self"))
         self.path.unlink(missing_ok=True)
         self.server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_LINE_BYTES)
