@@ -468,6 +468,7 @@ def main(
         setting_origins=origins(context, layers),
         config_files=layers.files,
         config_overrides=tuple(layers.overridden),
+        config_absent=layers.absent,
     )
     if ui_file is not None and not ui:
         raise click.UsageError("--ui-file goes with --ui")

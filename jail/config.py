@@ -97,6 +97,8 @@ class ConfigLayers:
     chosen: dict[str, Setting] = field(default_factory=dict)
     # Settings a higher source replaced as a whole choice (the rule, the profile, ...), said by --explain.
     overridden: list[str] = field(default_factory=list)
+    # Looked for and missing (a file the command creates during the run is warned of).
+    absent: tuple[Path, ...] = ()
 
     @property
     def default_map(self) -> dict[str, Any]:
@@ -115,7 +117,10 @@ def load_layers(
     options = settings_of(command)
     layers = ConfigLayers()
     for path in (user, project):
-        if path is None or not path.is_file():
+        if path is None:
+            continue
+        if not path.is_file():
+            layers.absent += () if path.exists() else (path.absolute(),)
             continue
         layers.files += (path.absolute(),)
         settings = read_file(path, options, ctx)
@@ -258,6 +263,9 @@ class ConfiguredCommand(click.Command):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         given, _, _ = self.make_parser(ctx).parse_args(args=list(args))
+        help_option = self.get_help_option(ctx)
+        if given.get("version") or (help_option is not None and given.get(help_option.name)):
+            return super().parse_args(ctx, args)  # help and version read no file, so a broken one cannot hide them
         if given.get("no_config"):
             if given.get("config") is not None:
                 raise click.UsageError("--config and --no-config contradict each other")

@@ -93,6 +93,8 @@ class JailConfig:
     # The config files read, and the choices a higher source replaced (said by --explain).
     config_files: tuple[Path, ...] = ()
     config_overrides: tuple[str, ...] = ()
+    # Config files looked for and missing: one that appears during the run was made by the command.
+    config_absent: tuple[Path, ...] = ()
     # Questions to a person (jail/approvals): --ask, --ask-timeout, --ask-save, --ask-fd.
     ask: AskSettings = field(default_factory=AskSettings)
     # --ui: the live page of the run (jail/approvals/page.py); its address goes to ui_file, else the terminal.
@@ -154,7 +156,18 @@ class Session:
             self.stack.callback(self.signals.remove)
             await self._start_rule_and_logs()
             status = await (self._run_server() if self.config.server else self._run_child())
+        self._warn_of_new_config_files()
         return self._verdict_status(status)
+
+    def _warn_of_new_config_files(self) -> None:
+        """A config file made during the run would set the next jail started here: the command may have
+        written its own (only existing files can be kept read-only; a missing one cannot be held back)."""
+        for path in self.config.config_absent:
+            if path.exists():
+                print(
+                    f"jail: warning: {path} was created during the run; the next jail would read it: check it",
+                    file=sys.stderr,
+                )
 
     def _verdict_status(self, status: int) -> int:
         """Audit mode's summary line, and --fail-on-deny's non-zero exit when anything was (or would be) denied."""
@@ -300,8 +313,13 @@ class Session:
         self.stack.push_async_callback(backend.teardown)
         listeners = await backend.prepare()
         proxy = self._endpoint(listeners)
-        # jail's own proxy settings (a corporate proxy) are jail's: the child is pointed at jail.
-        own = {name: value for name, value in os.environ.items() if not is_proxy_setting(name)}
+        # jail's own proxy settings (a corporate proxy) are jail's: the child is pointed at jail. So is the
+        # collector jail exports to (OTEL_EXPORTER_OTLP_HEADERS may hold its token).
+        own = {
+            name: value
+            for name, value in os.environ.items()
+            if not is_proxy_setting(name) and not (self.config.otlp and name.startswith("OTEL_EXPORTER_OTLP_"))
+        }
         env = backend.child_environment(own, proxy)
         # The child holds placeholders only; the real values stay in jail.
         env.update({secret.name: secret.placeholder for secret in self.config.secrets})

@@ -181,3 +181,26 @@ def test_the_command_cannot_rewrite_the_project_file_rootless(user: RootlessUser
         assert http_upstream.requests == []
     finally:
         config.unlink(missing_ok=True)
+
+
+def test_a_project_file_the_command_creates_is_warned_of(run_jail, folders) -> None:
+    """A missing file cannot be held read-only (that would close the whole folder): jail says it appeared."""
+    project, _, env = folders
+    result = run_jail(
+        "--weak", "--js", "true", "--", "sh", "-c", "echo 'js = \"true\"' > jail.toml", cwd=project, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    expected = (
+        f"jail: warning: {project / 'jail.toml'} was created during the run; the next jail would read it: check it"
+    )
+    assert expected in result.stderr.splitlines()
+    quiet = run_jail("--weak", "--", "true", cwd=project, env=env)  # it exists from the start: read, protected, quiet
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr
+
+
+def test_help_and_version_read_no_config_file(folders) -> None:
+    project, _, env = folders
+    (project / "jail.toml").write_text("bogus = 1\n")
+    assert jail(env, project, "--help").stdout.startswith("Usage: jail [OPTIONS]")
+    assert jail(env, project, "--version").returncode == 0
+    assert jail(env, project, "--no-config", "--explain").returncode == 0
