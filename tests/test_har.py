@@ -3,6 +3,7 @@ secret's real value anywhere in it."""
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from datetime import datetime
@@ -15,6 +16,7 @@ from mitmproxy.io.har import request_to_flow
 from jail.audit import AuditSink, Exchange, Outcome
 from jail.audit.har import HIDDEN_VALUE, HarSink
 from jail.model import Decision, Request
+from jail.proxy.secrets import ResponseMasker, Secret
 from tests.test_secrets import CLIENT, REAL
 
 # HAR 1.2 (http://www.softwareishard.com/blog/har-12-spec/): each object's required members and their
@@ -112,6 +114,11 @@ def har_problems(document: Any) -> list[str]:
             problems += object_problems("postData", request["postData"], f"{where}.request.postData")
         problems += object_problems("content", response.get("content"), f"{where}.response.content")
     return problems
+
+
+def mask_secrets(*secrets: Secret):
+    """What the session hands the HAR writer: every secret's real value back to its placeholder."""
+    return ResponseMasker(list(secrets)).mask
 
 
 def read_har(path: Path) -> dict[str, Any]:
@@ -229,3 +236,26 @@ def test_explain_names_the_har(run_jail, tmp_path: Path, bodies: bool) -> None:
     assert result.returncode == 0, result.stderr
     wanted = "with bodies, secrets masked" if bodies else "no bodies"
     assert f"HAR: {tmp_path / 'x.har'} (HAR 1.2, written at the end of the run; {wanted})" in result.stdout
+
+
+def test_the_file_is_masked_whatever_the_proxy_missed(tmp_path: Path) -> None:
+    """A real value that reached a record anyway (a server with no masker echoing it, an error message, a
+    binary body) is a placeholder in the file."""
+    secret = Secret.create("API_TOKEN", REAL, ["api.example.com"])
+    har = tmp_path / "masked.har"
+    sink = AuditSink("0123abcd", include_header_values=True, sinks=[HarSink(har, True, True, mask_secrets(secret))])
+    request = Request.from_url(f"https://elsewhere.test/p/{REAL}?k={REAL}")
+    exchange = Exchange(
+        "HTTP/2.0", "OK", [("set-cookie", f"s={REAL}")], f"body {REAL}".encode(), b"\xff\x00" + REAL.encode()
+    )
+    outcome = Outcome(200, error=f"upstream said {REAL}", exchange=exchange)
+    sink.record(1700000000.0, request, Decision.allowed(f"reason {REAL}"), outcome)
+    sink.close()
+    text = har.read_text()
+    assert REAL not in text and base64.b64encode(b"\xff\x00" + REAL.encode()).decode() not in text
+    [entry] = read_har(har)["log"]["entries"]
+    assert entry["request"]["url"] == f"https://elsewhere.test/p/{secret.placeholder}?k={secret.placeholder}"
+    assert entry["_jail"]["error"] == f"upstream said {secret.placeholder}"
+    content = entry["response"]["content"]
+    assert content["encoding"] == "base64"
+    assert base64.b64decode(content["text"]) == b"\xff\x00" + secret.placeholder.encode()

@@ -187,8 +187,11 @@ def test_the_sdk_variables_turn_export_on_and_shape_it(
         "OTEL_SERVICE_NAME": "agents-ci",
         "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
     }
-    result = weak_jail(*RULE, "--log-header-values", "--", "sh", "-c", two_requests(http_upstream.url("")), env=env)
+    script = two_requests(http_upstream.url("")) + ' && echo "child sees: ${OTEL_EXPORTER_OTLP_HEADERS:-nothing}"'
+    result = weak_jail(*RULE, "--log-header-values", "--", "sh", "-c", script, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
+    # The collector's credentials are jail's, like its proxy settings: the agent never sees them.
+    assert result.stdout.strip() == "child sees: nothing"
     assert len(receiver.logs) == 2 and len(receiver.spans) == 1
     assert all(headers.get("x-tenant") == "team-blue" for headers in receiver.headers)
     resource = receiver.logs[0]["resource"]
