@@ -119,21 +119,27 @@ def load_layers(
     for path in (user, project):
         if path is None:
             continue
+        if not path.exists():
+            layers.absent += (path.absolute(),)
         if not path.is_file():
-            layers.absent += () if path.exists() else (path.absolute(),)
             continue
         layers.files += (path.absolute(),)
         settings = read_file(path, options, ctx)
-        _choose(layers, settings, options, by=str(path.absolute()))
+        # `read-only = false` makes no choice.
+        _choose(
+            layers,
+            {setting.name for setting in settings if setting.value is not False},
+            options,
+            by=str(path.absolute()),
+        )
         layers.chosen.update((options[setting.name].name, setting) for setting in settings)
-    flags = [setting_name(option) for option in options.values() if option.name in on_command_line]
-    _choose(layers, [Setting(name, None, "") for name in flags], options, by="the command line")
+    flags = {setting_name(option) for option in options.values() if option.name in on_command_line}
+    _choose(layers, flags, options, by="the command line")
     return layers
 
 
-def _choose(layers: ConfigLayers, settings: list[Setting], options: dict[str, click.Option], by: str) -> None:
+def _choose(layers: ConfigLayers, given: set[str], options: dict[str, click.Option], by: str) -> None:
     """A source that makes one of the ONE_CHOICE choices replaces whatever lower sources chose there."""
-    given = {setting.name for setting in settings if setting.value is not False}  # `read-only = false` chooses nothing
     for group in ONE_CHOICE:
         made = [name for name in group if name in given]
         if not made:
