@@ -503,7 +503,7 @@ VALIDATION_ERRORS = [
     (
         'default = "deny"\n\n[[rule]]\naction = "allow"\nhost = "a"\n\n[[rule]]\naction = "allow"\n# hostt\nhostt = "b"\n',
         10,
-        "rule 2: unknown key 'hostt' (known: name, action, host, port, scheme, methods, path, reason, max_tx_bytes)",
+        "rule 2: unknown key 'hostt' (known: name, action, host, port, scheme, methods, client, path, reason, max_tx_bytes)",
     ),
     ('[[rule]]\naction = "allow"\nport = "443"\n', 3, "rule 1: 'port' must be a port number (1-65535) or a list"),
     ('[[rule]]\naction = "allow"\nport = [443, 70000]\n', 3, "rule 1: 'port' must be a port number"),

@@ -238,6 +238,7 @@ def test_request_line_carries_every_field_and_an_id(tmp_path):
         "query": "q=1",
         "headers": {"x-token": "abc"},
         "requester_ip": "10.1.2.3",
+        "client": "",
     }
     assert json.loads(second.reason)["id"] != json.loads(first.reason)["id"]
 
