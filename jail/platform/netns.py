@@ -1,10 +1,12 @@
 """Strong Linux isolation (root): a network namespace whose only way out is jail's proxy.
 
-    child ── vj_<id> ══ veth ══ vh_<id> ── host: proxy (regular + transparent), DNS sinkhole
+    child ── vj_<id> ══ veth ══ vh_<id> ── host: proxy (regular + transparent), jail's resolver
 
-Inside the namespace an `inet` nftables table lets out only TCP to the proxy, TCP to ports
-80/443 (which the host's prerouting redirects to the transparent proxy) and DNS to jail's
-resolver; everything else, IPv4 and IPv6, is rejected at once. The host forwards nothing for
+Inside the namespace an `inet` nftables table lets out only IPv4 TCP (to the proxy, and to any other
+address and port, which the host's prerouting redirects to jail's transparent listener: HTTP and TLS
+are judged per request, any other stream once, by name) and DNS to jail's resolver, which gives each
+name a synthetic address; everything else, UDP (so QUIC: clients fall back to TCP) and IPv6 included,
+is rejected at once. The host forwards nothing for
 the jail. The child runs through `ip netns exec` (which also gives it jail's resolv.conf) and
 `setpriv` (no capabilities, no_new_privs, the invoking user's uid when run through sudo).
 
@@ -39,7 +41,6 @@ NETNS_CONFIG_DIR = Path("/etc/netns")
 # /30 blocks for the veth pairs; .1 is the host side, .2 the jail side.
 SUBNET_POOL = ipaddress.ip_network("10.233.0.0/16")
 NAME_PREFIX = "jail-"
-INTERCEPTED_PORTS = (80, 443)
 JAIL_HOSTS_FILE = "127.0.0.1 localhost\n127.0.1.1 {hostname}\n::1 localhost ip6-localhost ip6-loopback\n"
 DNS_PORT = 53
 
@@ -118,8 +119,7 @@ def _pick_subnet(jail_id: str) -> ipaddress.IPv4Network:
 
 
 def jail_ruleset(names: JailNames, host: str, proxy_port: int) -> str:
-    """Inside the namespace: only the proxy, ports 80/443 (redirected by the host) and jail's DNS."""
-    ports = ", ".join(map(str, INTERCEPTED_PORTS))
+    """Inside the namespace: only IPv4 TCP (the proxy, or redirected to jail by the host) and jail's DNS."""
     return f"""
 table inet {names.nft_table} {{
     chain output {{
@@ -127,7 +127,7 @@ table inet {names.nft_table} {{
         oifname "lo" accept
         ct state established,related accept
         meta nfproto ipv4 ip daddr {host} tcp dport {proxy_port} accept
-        meta nfproto ipv4 tcp dport {{ {ports} }} accept
+        meta nfproto ipv4 ip daddr != {host} meta l4proto tcp accept
         meta nfproto ipv4 ip daddr {host} udp dport {DNS_PORT} accept
         meta l4proto tcp reject with tcp reset
         reject with icmpx admin-prohibited
@@ -142,14 +142,14 @@ table inet {names.nft_table} {{
 
 
 def host_ruleset(names: JailNames, host: str, proxy_ports: tuple[int, int]) -> str:
-    """On the host: redirect the jail's 80/443 to the transparent proxy; accept nothing else from it."""
+    """On the host: redirect the jail's TCP to any other address, any port, to the transparent listener;
+    accept nothing else from it."""
     regular, transparent = proxy_ports
-    ports = ", ".join(map(str, INTERCEPTED_PORTS))
     return f"""
 table inet {names.nft_table} {{
     chain prerouting {{
         type nat hook prerouting priority -100;
-        iifname "{names.host_link}" tcp dport {{ {ports} }} redirect to :{transparent}
+        iifname "{names.host_link}" ip daddr != {host} meta l4proto tcp redirect to :{transparent}
     }}
     chain input {{
         type filter hook input priority -10;
@@ -210,7 +210,6 @@ class NetnsBackend:
             listening_socket(self.host_address),
             listening_socket(self.host_address),
             datagram_socket(self.host_address, DNS_PORT),
-            sinkhole=self.host_address,
         )
         try:
             self._install_firewall(listeners.regular.getsockname()[1], listeners.transparent.getsockname()[1])

@@ -2,7 +2,7 @@
 only loopback.
 
     jail ◄──(SCM_RIGHTS)── holder: unshare -Ur -n -m, root of the new user namespace
-      │                      lo up, every route to lo, nftables: 80/443 → transparent socket, DNS → 53
+      │                      lo up, every route to lo, nftables: TCP (any port) → transparent socket, DNS → 53
       └─ child: nsenter into the holder's namespaces → a nested user namespace mapping the caller's
                 uid (so it has no capability over the network) → setpriv → the command
 
@@ -36,8 +36,6 @@ from jail.platform import Listeners
 HOLDER = Path(__file__).with_name("rootless_holder.py")
 TOOLS = ("unshare", "nsenter", "setpriv")
 TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Every name resolves here (a benchmarking range no one routes); connections to it on 80/443 are the proxy's.
-SINKHOLE = "198.18.0.1"
 JAIL_HOSTS_FILE = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
 HOLDER_START_SECONDS = 10.0
 NFT_PROBE_SECONDS = 5.0
@@ -172,8 +170,8 @@ class RootlessBackend:
             raise JailError(f"cannot build the rootless jail: {message.get('error') or self._holder_failure()}")
         sockets = [socket.socket(fileno=fd) for fd in fds]
         transparent = sockets[1] if self.firewall else None
-        # Without a redirect, the sinkhole is an address nothing routes to.
-        return Listeners(sockets[0], transparent, sockets[-1], sinkhole=SINKHOLE)
+        # Each name gets a synthetic address (jail.proxy.dns); without a redirect, nothing routes to it.
+        return Listeners(sockets[0], transparent, sockets[-1])
 
     def _receive(self) -> tuple[dict[str, str], list[int]]:
         assert self.control is not None

@@ -8,8 +8,8 @@ then only waits: the namespaces live while it or the child does. It dies with ja
 or when jail closes the control socket.
 
 Given an nftables table name (rootless mode), it also routes every address to loopback and installs the
-table that sends the child's ports 80/443 to the proxy's transparent socket and its DNS to jail's
-resolver. Without one (namespace mode), nothing routes anywhere but loopback: a connection to any other
+table that sends the child's TCP to any other address, on any port, to jail's transparent socket and its
+DNS to jail's resolver; other UDP (QUIC too) is refused. Without one (namespace mode), nothing routes anywhere but loopback: a connection to any other
 address fails at once (ENETUNREACH), so only the proxy and the resolver answer.
 
 Standard library only: it runs without site-packages, and it is the whole of what runs privileged
@@ -32,7 +32,6 @@ PR_SET_PDEATHSIG = 1
 TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LISTEN_BACKLOG = 1024
 DNS_PORT = 53
-INTERCEPTED_PORTS = (80, 443)
 # linux/sockios.h, linux/if.h: loopback is brought up with an ioctl
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 IFREQ = "16sH22x"  # struct ifreq: the name, then ifr_flags in the 24-byte union
@@ -44,13 +43,12 @@ RTA_OIF, RTA_PREFSRC = 4, 7
 
 
 def ruleset(table: str, transparent_port: int) -> str:
-    """Local traffic stays local; 80/443 to anywhere else is the proxy's, DNS anywhere is jail's, the rest is refused."""
-    ports = ", ".join(map(str, INTERCEPTED_PORTS))
+    """Local traffic stays local; TCP to anywhere else (any port) is jail's, DNS anywhere is jail's, the rest is refused."""
     return f"""
 table inet {table} {{
     chain steer {{
         type nat hook output priority -100;
-        ip daddr != 127.0.0.0/8 tcp dport {{ {ports} }} redirect to :{transparent_port}
+        ip daddr != 127.0.0.0/8 meta l4proto tcp redirect to :{transparent_port}
         ip daddr != 127.0.0.1 udp dport {DNS_PORT} redirect to :{DNS_PORT}
     }}
     chain refuse {{

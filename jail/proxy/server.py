@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,8 @@ class ProxySettings:
     # Bound by the caller (the backend) before mitmproxy was even imported; connections that came
     # meanwhile wait in their backlog.
     regular: socket.socket
-    # Connections a firewall redirected here: their destination is read from connection tracking.
+    # Connections a firewall redirected here: their destination is read from connection tracking. They
+    # are served by jail.proxy.streams, which hands HTTP and TLS to `EmbeddedProxy.redirected`.
     transparent: socket.socket | None = None
     # The CAs upstream servers are verified against (the host's trust, plus --upstream-ca).
     upstream_trust: Path | None = None
@@ -121,6 +123,8 @@ class EmbeddedProxy:
         self.master: Master | None = None
         self._task: asyncio.Task[None] | None = None
         self._servers: list[asyncio.Server] = []
+        # Takes one connection the firewall redirected (its first bytes HTTP or TLS) once the proxy runs.
+        self.redirected: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         """Serve the given sockets. Raises JailError when mitmproxy cannot start."""
@@ -161,9 +165,9 @@ class EmbeddedProxy:
             await self.stop()
             raise JailError(f"the proxy cannot start: {errors.messages[-1] if errors.messages else 'unknown error'}")
         self.policy.set_listen_addresses([sock.getsockname() for _, sock in self.settings.listeners()])
-        for mode, sock in self.settings.listeners():
-            instance = ServerInstance.make(mode, server)
-            self._servers.append(await asyncio.start_server(instance.handle_stream, sock=sock))
+        regular = ServerInstance.make("regular", server)
+        self._servers.append(await asyncio.start_server(regular.handle_stream, sock=self.settings.regular))
+        self.redirected = ServerInstance.make("transparent", server).handle_stream
 
     async def stop(self) -> None:
         for listener in self._servers:
