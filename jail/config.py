@@ -52,6 +52,27 @@ NOT_SETTINGS = frozenset(
         "version",
     }
 )
+# A project's `jail.toml` comes with the repository, so whoever wrote the repository wrote it: it may set
+# the rule (a team's rules live there), never what hands out the user's secrets, weakens the jail, or sends
+# the run's records elsewhere. These only come from flags or the user's own file.
+USER_ONLY = frozenset(
+    {
+        "secret",
+        "secret-file",
+        "upstream-proxy",
+        "upstream-ca",
+        "allow-private",
+        "allow-unix-socket",
+        "no-fs-restrictions",
+        "weak",
+        "allow-weak",
+        "keep-caches",
+        "otlp-endpoint",
+        "user",
+    }
+)
+# Files a project's `jail.toml` may have written or opened for writing: only inside the project's folder.
+WRITTEN_PATHS = frozenset({"allow-write", "audit-log", "request-log", "har", "ask-save"})
 # Settings that are one choice between several flags (see the module docstring).
 ONE_CHOICE = (
     ("js", "js-file", "sh", "proc", "policy"),
@@ -124,7 +145,7 @@ def load_layers(
         if not path.is_file():
             continue
         layers.files += (path.absolute(),)
-        settings = read_file(path, options, ctx)
+        settings = read_file(path, options, ctx, from_project=path is project)
         # `read-only = false` makes no choice.
         _choose(
             layers,
@@ -150,7 +171,9 @@ def _choose(layers: ConfigLayers, given: set[str], options: dict[str, click.Opti
                 layers.overridden.append(f"{name} from {earlier.where} is replaced by {made[0]} from {by}")
 
 
-def read_file(path: Path, options: dict[str, click.Option], ctx: click.Context) -> list[Setting]:
+def read_file(
+    path: Path, options: dict[str, click.Option], ctx: click.Context, from_project: bool = False
+) -> list[Setting]:
     # policy_file's TOML position helpers: one scanner of key lines for every TOML file jail reads.
     # Imported here: a run without config files loads no TOML parser.
     import tomllib
@@ -179,6 +202,8 @@ def read_file(path: Path, options: dict[str, click.Option], ctx: click.Context) 
             converted = _value(value, option, path.absolute().parent, ctx)
         except (ValueError, click.BadParameter) as exc:
             raise JailError(f"{name}:{line}: '{key}': {exc}") from None
+        if from_project:
+            _check_project_setting(key, converted, path.absolute().parent, f"{name}:{line}")
         settings.append(Setting(key, converted, f"{name}:{line}"))
     for group in ONE_CHOICE:
         made = [setting for setting in settings if setting.name in group and setting.value is not False]
@@ -188,6 +213,20 @@ def read_file(path: Path, options: dict[str, click.Option], ctx: click.Context) 
                 f"{second.where}: '{second.name}' and '{first.name}' (at {first.where}) are one choice: set one"
             )
     return settings
+
+
+def _check_project_setting(key: str, value: Any, folder: Path, where: str) -> None:
+    """Refuse what a repository's own `jail.toml` must not decide for the user who runs jail in it."""
+    if key in USER_ONLY and value not in (False, [], None):
+        raise JailError(
+            f"{where}: '{key}' is not taken from a project's jail.toml (the repository's author would decide it"
+            " for you): pass the flag, or set it in your own ~/.config/jail/config.toml"
+        )
+    if key in WRITTEN_PATHS:
+        for item in value if isinstance(value, list) else [value]:
+            resolved = os.path.realpath(item)
+            if not (resolved == str(folder.resolve()) or resolved.startswith(str(folder.resolve()) + os.sep)):
+                raise JailError(f"{where}: '{key}' = {item!r} lies outside the project's folder {folder}")
 
 
 def _unknown(key: str, options: dict[str, click.Option]) -> str:

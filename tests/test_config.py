@@ -113,9 +113,9 @@ def test_config_flag_names_the_project_file_and_no_config_reads_none(folders, tm
 
 
 def test_values_are_typed_like_the_flags(folders) -> None:
-    project, _, env = folders
+    project, user_file, env = folders
     env = dict(env, TEAM_TOKEN="s3cret")
-    (project / "jail.toml").write_text(
+    user_file.write_text(
         'js = "true"\nweak = true\nrule-timeout = 2\nsecret = ["TEAM_TOKEN=api.example.com"]\nallow-private = "10.9.0.0/16"\n'
     )
     lines = explained(env, project)
@@ -124,6 +124,42 @@ def test_values_are_typed_like_the_flags(folders) -> None:
     assert "secret TEAM_TOKEN: placeholder in the child, real value only for https://api.example.com" in lines
     assert "private ranges the proxy may reach (--allow-private): 10.9.0.0/16" in lines
     assert "s3cret" not in "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('secret = ["GITHUB_TOKEN=evil.example"]\n', "secret"),
+        ('upstream-proxy = "http://evil.example:3128"\n', "upstream-proxy"),
+        ("no-fs-restrictions = true\n", "no-fs-restrictions"),
+        ('allow-unix-socket = ["/var/run/docker.sock"]\n', "allow-unix-socket"),
+        ('otlp-endpoint = "http://evil.example:4318"\n', "otlp-endpoint"),
+        ("weak = true\n", "weak"),
+    ],
+)
+def test_a_project_file_cannot_hand_out_secrets_or_weaken_the_jail(folders, text: str, key: str) -> None:
+    """A cloned repository's jail.toml was written by the repository's author, not by the user."""
+    project, _, env = folders
+    (project / "jail.toml").write_text('js = "true"\n' + text)
+    result = jail(dict(env, GITHUB_TOKEN="ghp_real"), project, "--explain", "--", "true")
+    assert result.returncode == 125
+    assert f"jail.toml:2: '{key}' is not taken from a project's jail.toml" in result.stderr
+    assert "ghp_real" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "outside", "inside"),
+    [("allow-write", '["/"]', '["build"]'), ("audit-log", '"../../outside.jsonl"', '"logs/egress.jsonl"')],
+)
+def test_a_project_file_writes_only_inside_its_folder(folders, key: str, outside: str, inside: str) -> None:
+    project, _, env = folders
+    (project / "jail.toml").write_text(f'js = "true"\n{key} = {outside}\n')
+    result = jail(env, project, "--explain", "--", "true")
+    assert result.returncode == 125
+    assert f"jail.toml:2: '{key}' = " in result.stderr and "lies outside the project's folder" in result.stderr
+    (project / "jail.toml").write_text(f'js = "true"\n{key} = {inside}\n')
+    allowed = jail(env, project, "--explain", "--", "true")
+    assert allowed.returncode == 0, allowed.stderr
 
 
 BROKEN = [
