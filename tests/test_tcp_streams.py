@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -37,6 +38,7 @@ from tests.conftest import (
     decide_all,
     host_addresses,
     start_upstream,
+    wait_for,
 )
 from tests.test_rootless import user  # noqa: F401 (the rootless test user, a fixture)
 
@@ -563,3 +565,50 @@ def test_http_and_https_on_other_ports_are_judged_per_request(jailed, other_port
         ("http", OTHER_WEB_NAME, 8080, "deny"),
         ("https", WEB_NAME, 8443, "allow"),
     ]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """Debian's redis-server on ECHO_NAME's address, its port."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    with socket.socket() as probe:
+        probe.bind((ECHO_LOOPBACK, 0))
+        port = probe.getsockname()[1]
+    folder = tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen(
+        ["redis-server", "--bind", ECHO_LOOPBACK, "--port", str(port), "--save", "", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_for(
+            lambda: (
+                subprocess.run(
+                    ["redis-cli", "-h", ECHO_LOOPBACK, "-p", str(port), "ping"], capture_output=True, text=True
+                ).stdout.strip()
+                == "PONG"
+            )
+        )
+        yield port
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_redis_by_name_allowed_and_denied(jailed, redis_server):
+    port = redis_server
+    ensure_test_names()
+    cli = f"redis-cli -h {ECHO_NAME} -p {port}"
+    rule = f"r.scheme === 'tcp' && r.host === '{ECHO_NAME}' && r.port === {port}"
+    allowed = jailed.run(
+        "--js", rule, "--allow-private", f"{ECHO_LOOPBACK}/32", "--", "sh", "-c", f"{cli} set k jailed && {cli} get k"
+    )
+    assert allowed.stdout.split() == ["OK", "jailed"], allowed.stderr
+    audit, _, log_flags = jailed.logs()
+    denied = jailed.run(
+        "--js", f"!({rule})", "--allow-private", f"{ECHO_LOOPBACK}/32", *log_flags, "--", "sh", "-c", f"{cli} get k"
+    )
+    assert "jailed" not in denied.stdout
+    (record,) = stream_records(audit)
+    assert (record["url"], record["decision"], record["end"]) == (f"tcp://{ECHO_NAME}:{port}", "deny", "denied")
