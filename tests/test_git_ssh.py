@@ -24,6 +24,7 @@ import pytest
 from jail.model import ProxyEndpoint
 from jail.platform.weak import WeakBackend, ssh_command
 from tests.conftest import HOSTS_FILE, UPSTREAM_HOST, wait_for
+from tests.test_rootless import rootless_unavailable, user  # noqa: F401  (the rootless test user)
 
 SSHD = Path("/usr/sbin/sshd")
 GIT_NAME = "git-ssh.jail.test"
@@ -103,6 +104,10 @@ def sshd_config(directory: Path, address: str) -> str:
     )
 
 
+def without_test_name(hosts: str) -> str:
+    return "".join(line for line in hosts.splitlines(True) if not line.rstrip().endswith(f" {GIT_NAME}"))
+
+
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     directory = tmp_path_factory.mktemp("sshd")
@@ -118,14 +123,14 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     with (directory / "sshd.log").open("w") as log:
         process = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(directory / "sshd_config")], stderr=log)
     server = SshServer(address, directory, process)
-    line = f"{address} {GIT_NAME}"
-    HOSTS_FILE.write_text(HOSTS_FILE.read_text() + f"\n{line}\n")
+    # A line left by an interrupted run (or restored by another fixture's snapshot of the file) goes first.
+    HOSTS_FILE.write_text(without_test_name(HOSTS_FILE.read_text()) + f"\n{address} {GIT_NAME}\n")
     try:
         assert wait_for(lambda: "Server listening" in server.log.read_text(), 10), server.log.read_text()
         yield server
     finally:
         # Only our own line goes: other tests may have added theirs meanwhile.
-        HOSTS_FILE.write_text("".join(kept for kept in HOSTS_FILE.read_text().splitlines(True) if kept.strip() != line))
+        HOSTS_FILE.write_text(without_test_name(HOSTS_FILE.read_text()))
         process.terminate()
         process.wait(10)
         if made_privsep:
@@ -192,7 +197,7 @@ def streams(audit: Path) -> list[dict]:
 def test_clone_commit_and_push_through_jail(jailed_git, sshd, project, tmp_path):
     audit = tmp_path / "audit.jsonl"
     script = (
-        f"git clone -q {sshd.url()} clone && cd clone && echo pushed > NEW && git add NEW"
+        f"git clone -q {sshd.url()} clone && cd clone && echo from-the-jail > NEW && git add NEW"
         " && git commit -qm from-the-jail && git push -q origin main"
     )
     result = jailed_git("--js", ALLOW_SSH, script=script, audit=audit)
@@ -390,3 +395,80 @@ def test_the_users_agent_is_out_of_reach_inside(run_jail, jail_env, ssh_agent, s
         env=env, cwd=tmp_path,
     )  # fmt: skip
     assert clone.returncode != 0 and "Permission denied (publickey)" in clone.stderr
+
+
+# --- the isolated modes: no GIT_SSH_COMMAND, every TCP connection goes to jail and is judged by name ----
+
+
+CLONE_AND_PUSH = (
+    "set -ex; git clone -q {url} clone; cd clone; echo {message} > NEW; git add NEW;"
+    " git commit -qm {message}; git push -q origin main"
+)
+# The child's own ssh, as a user runs it: no ProxyCommand, the project's key, known hosts in the project.
+PLAIN_SSH = f'export GIT_SSH_COMMAND="ssh {SSH_OPTIONS}"; '
+
+
+def check_isolated_clone(run, sshd: SshServer, project: Path, audit: Path, message: str) -> None:
+    """Allowed: clone, commit and push work, one allowed stream each; denied: sshd sees nothing."""
+    script = PLAIN_SSH + CLONE_AND_PUSH.format(url=sshd.url(), message=message)
+    allowed = run("--audit-log", str(audit), "--js", ALLOW_SSH, "--", "sh", "-c", script)
+    assert allowed.returncode == 0, allowed.stderr
+    assert sshd.commits()[0] == message
+    records = streams(audit)
+    assert [(r["url"], r["decision"]) for r in records] == [(f"tcp://{GIT_NAME}:22", "allow")] * 2
+    assert all(r["bytes_up"] > 1000 and r["bytes_down"] > 1000 for r in records)
+
+    before = sshd.connections()
+    denied_audit = audit.with_name("denied.jsonl")
+    rule = f"r.scheme === 'tcp' && r.host === '{GIT_NAME}' && r.port === 2222"
+    denied = run(
+        "--audit-log",
+        str(denied_audit),
+        "--js",
+        rule,
+        "--",
+        "sh",
+        "-c",
+        PLAIN_SSH + f"git clone -q {sshd.url()} denied",
+    )
+    assert denied.returncode != 0
+    assert not (project / "denied").exists()
+    time.sleep(0.2)
+    assert sshd.connections() == before, "a denied stream reached sshd"
+    assert [(r["url"], r["decision"]) for r in streams(denied_audit)] == [(f"tcp://{GIT_NAME}:22", "deny")]
+
+
+def test_clone_and_push_in_strong_mode(run_jail, jail_env, sshd, project, tmp_path):
+    from jail.platform.netns import strong_mode_unavailable
+
+    if (unavailable := strong_mode_unavailable()) is not None:
+        pytest.skip(f"strong mode unavailable: {unavailable}")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return run_jail("--allow-private", f"{sshd.address}/32", *args, cwd=project, env=git_environment(jail_env))
+
+    check_isolated_clone(run, sshd, project, tmp_path / "audit.jsonl", "from-strong-mode")
+
+
+def test_clone_and_push_in_rootless_mode(sshd, request):
+    if (unavailable := rootless_unavailable()) is not None:
+        pytest.skip(f"rootless jail unavailable: {unavailable}")
+    jailed = request.getfixturevalue("user")  # tests/test_rootless.py's test user, made once per module
+    project = jailed.workspace / "git-ssh"
+    shutil.rmtree(project, ignore_errors=True)
+    project.mkdir()
+    shutil.copy(sshd.client_key, project / "deploy_key")
+    for path in (project, project / "deploy_key"):
+        os.chown(path, jailed.uid, jailed.entry.pw_gid)
+    (project / "deploy_key").chmod(0o600)
+    audit = project / "audit.jsonl"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        argv = jailed.jail_argv("--allow-private", f"{sshd.address}/32", *args)
+        names = " ".join(f"{k}={v}" for k, v in git_environment({}).items())
+        return jailed.run(["sh", "-c", f'cd git-ssh && exec env {names} "$@"', "sh", *argv])
+
+    try:
+        check_isolated_clone(run, sshd, project, audit, "from-rootless-mode")
+    finally:
+        shutil.rmtree(project, ignore_errors=True)

@@ -327,7 +327,7 @@ Refusal = tuple[Decision, int, str]
 TUNNEL_HEADER = "jail-tunnel"
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity: one object per stream
 class Stream:
     """A plain TCP stream through a CONNECT tunnel: judged once, recorded once when it ends."""
 
@@ -418,6 +418,8 @@ class PolicyAddon:
         self.tunnel_clients: dict[str, str] = {}
         # Per client, a stream judged at CONNECT time, until its TCP flow starts.
         self.streams: dict[str, Stream] = {}
+        # Streams started and not recorded yet: recorded at shutdown if their end was not seen by then.
+        self.unrecorded: set[Stream] = set()
 
     def set_listen_addresses(self, addresses: list[tuple[str, int]]) -> None:
         self.own_addresses = {(host, port) for host, port, *_ in addresses}
@@ -641,6 +643,7 @@ class PolicyAddon:
         host, port = flow.server_conn.address[:2]
         stream = self.streams.pop(flow.client_conn.id, None) or await self._judge_stream(flow.client_conn, host, port)
         flow.metadata[METADATA_KEY] = stream
+        self.unrecorded.add(stream)
         if stream.dialable:
             flow.server_conn.address = (stream.address, stream.request.port)
             self.destinations.permit(flow.client_conn.id, stream.address, stream.request.port, stream.request.host)
@@ -686,6 +689,7 @@ class PolicyAddon:
 
     def _record_stream(self, stream: Stream, error: str) -> None:
         """The stream's one audit record: how it ended, bytes each way, how long it lasted."""
+        self.unrecorded.discard(stream)
         if not stream.decision.allow:
             end, status = STREAM_END_DENIED, 403
         elif stream.failure is not None:
@@ -707,6 +711,12 @@ class PolicyAddon:
             end=end,
         )
         self.audit.record(stream.started, stream.request, stream.decision, outcome)
+
+    def done(self) -> None:
+        """jail stops once the child's processes are gone, so both ends of a stream still open are closed;
+        mitmproxy may not have read that yet, and the stream is recorded here instead of never."""
+        for stream in list(self.unrecorded):
+            self._record_stream(stream, "")
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         address = data.server.address
