@@ -474,12 +474,18 @@ def test_a_denied_stream_reaches_nothing_and_the_audit_log_says_why(jailed, bann
         CLIENT
         + f"""
 synthetic = socket.gethostbyname({ECHO_NAME!r})
-print(json.dumps([synthetic, talk({ECHO_NAME!r}, {port}), talk(synthetic, {port}), talk({literal!r}, {port})]))
+talks = [talk({ECHO_NAME!r}, {port}), talk(synthetic, {port}), talk({literal!r}, {port})]
+ssh = socket.create_connection(({ECHO_NAME!r}, {port}), timeout=10)
+ssh.sendall(b"SSH-2.0-OpenSSH_9.2p1 test\\r\\n")  # an SSH client speaks first
+said = ssh.makefile("rb").read().decode()
+print(json.dumps([synthetic, said, *talks]))
 """
     )
     flags = ("--allow-private", f"{literal}/32", "--allow-private", f"{ECHO_LOOPBACK}/32", *log_flags)
     result = jailed.python(code, "--js", "r.scheme === 'tcp' ? 'no streams in this test' : true", *flags)
-    synthetic, *talks = json.loads(result.stdout)
+    synthetic, said_to_ssh, *talks = json.loads(result.stdout)
+    # What OpenSSH shows with -v ("banner line 0: ..."), before "Connection closed by remote host".
+    assert said_to_ssh == f"jail: denied tcp://{ECHO_NAME}:{port}: no streams in this test\r\n"
     assert ipaddress.ip_address(synthetic) in SYNTHETIC_NETWORK, "names resolve to synthetic addresses"
     assert [t["got"] for t in talks] == [0, 0, 0], (talks, result.stderr)
     time.sleep(0.3)
@@ -489,6 +495,7 @@ print(json.dumps([synthetic, talk({ECHO_NAME!r}, {port}), talk(synthetic, {port}
         (ECHO_NAME, "deny", "no streams in this test", "denied"),
         (ECHO_NAME, "deny", "no streams in this test", "denied"),
         (literal, "deny", "no streams in this test", "denied"),
+        (ECHO_NAME, "deny", "no streams in this test", "denied"),
     ]
 
 

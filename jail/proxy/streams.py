@@ -167,6 +167,9 @@ class TcpStreams:
             line = f"jail: denied {request.url}: {decision.reason}".encode("ascii", "replace")
             with contextlib.suppress(OSError):
                 conn.send(line.replace(b"\r", b" ").replace(b"\n", b" ")[:1000] + b"\r\n")
+                # Read what was only peeked: closing with unread data would reset the connection, and
+                # the client might lose the line.
+                conn.recv(len(said))
         conn.close()
 
     async def _connect_and_relay(self, conn: socket.socket, request: Request) -> Outcome:
