@@ -439,6 +439,7 @@ print(json.dumps([talk({ECHO_NAME!r}, {port}, size=200000), talk({literal!r}, {p
     result = jailed.python(
         code, "--js", rule, "--allow-private", f"{literal}/32", "--allow-private", f"{ECHO_LOOPBACK}/32", *log_flags
     )
+    assert result.stdout, result.stderr
     by_name, by_literal, unknown = json.loads(result.stdout)
     assert by_name["head"].startswith(BANNER.decode()), result.stderr
     assert by_name["got"] == len(BANNER) + 200000 and by_literal["got"] == len(BANNER) + 4
@@ -483,6 +484,7 @@ print(json.dumps([synthetic, said, *talks]))
     )
     flags = ("--allow-private", f"{literal}/32", "--allow-private", f"{ECHO_LOOPBACK}/32", *log_flags)
     result = jailed.python(code, "--js", "r.scheme === 'tcp' ? 'no streams in this test' : true", *flags)
+    assert result.stdout, result.stderr
     synthetic, said_to_ssh, *talks = json.loads(result.stdout)
     # What OpenSSH shows with -v ("banner line 0: ..."), before "Connection closed by remote host".
     assert said_to_ssh == f"jail: denied tcp://{ECHO_NAME}:{port}: no streams in this test\r\n"
