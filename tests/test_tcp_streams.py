@@ -355,7 +355,10 @@ def ensure_test_names() -> None:
 def test_names() -> Iterator[None]:
     ensure_test_names()
     yield
-    HOSTS_FILE.write_text(HOSTS_FILE.read_text().replace(HOSTS_LINES, ""))
+    # Line by line: another test may have moved them while restoring its own copy of the file.
+    mine = set(HOSTS_LINES.splitlines())
+    kept = [line for line in HOSTS_FILE.read_text().splitlines() if line not in mine]
+    HOSTS_FILE.write_text("\n".join(kept) + "\n")
 
 
 @dataclass
