@@ -311,19 +311,33 @@ HOSTS_FILE = Path("/etc/hosts")
 PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 
 
+def map_names(lines: list[str]) -> None:
+    """Add `ADDRESS NAME...` lines to /etc/hosts (those not there yet). Several fixtures map names at once,
+    so each adds and removes only its own lines, never a snapshot of the whole file."""
+    text = HOSTS_FILE.read_text()
+    missing = [line for line in lines if line not in text.splitlines()]
+    if missing:
+        HOSTS_FILE.write_text(text.rstrip("\n") + "\n" + "".join(f"{line}\n" for line in missing))
+
+
+def unmap_names(lines: list[str]) -> None:
+    kept = [line for line in HOSTS_FILE.read_text().splitlines() if line not in lines]
+    HOSTS_FILE.write_text("\n".join(kept) + "\n")
+
+
 @pytest.fixture(scope="module")
 def named_upstreams(test_ca):
     """Origins on 127.0.0.2:80 and :443, reached by names the host maps in /etc/hosts."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     test_ca.issue_cert(TEST_NAME, DENIED_NAME, UPSTREAM_HOST).configure_cert(context)
-    original = HOSTS_FILE.read_text()
-    HOSTS_FILE.write_text(original + f"\n{UPSTREAM_HOST} {TEST_NAME} {DENIED_NAME}\n")
+    lines = [f"{UPSTREAM_HOST} {TEST_NAME} {DENIED_NAME}"]
+    map_names(lines)
     http = start_upstream("http", None, port=80)
     https = start_upstream("https", context, port=443)
     try:
         yield http, https
     finally:
-        HOSTS_FILE.write_text(original)
+        unmap_names(lines)
         http.stop()
         https.stop()
 

@@ -34,6 +34,7 @@ from tests.agents.mock_api import (
     OpenAIResponses,
     start_mock,
 )
+from tests.conftest import map_names, unmap_names
 from tests.test_rootless import RootlessUser, user  # noqa: F401 (the rootless test user, as a fixture)
 
 pytestmark = [
@@ -41,7 +42,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mapping the mock APIs' names in /etc/hosts needs root (CI has it)"),
 ]
 
-HOSTS_FILE = Path("/etc/hosts")
 FIRST_PROMPT = "Remember the word PELICAN-7."
 SECOND_PROMPT = "Which word did I ask you to remember?"
 REMEMBERED = "PELICAN-7"
@@ -180,7 +180,7 @@ def mocks(mock_ca: tuple[trustme.CA, Path]) -> Iterator[dict[str, MockAPI]]:
     ca, _ = mock_ca
     lines = [f"{agent.address} {agent.host}" for agent in (AGENTS | REAL_NAMES).values()]
     started: dict[str, MockAPI] = {}
-    _add_hosts(lines)
+    map_names(lines)
     try:
         for name, agent in (AGENTS | REAL_NAMES).items():
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -190,18 +190,7 @@ def mocks(mock_ca: tuple[trustme.CA, Path]) -> Iterator[dict[str, MockAPI]]:
     finally:
         for mock in started.values():
             mock.stop()
-        _remove_hosts(lines)
-
-
-def _add_hosts(lines: list[str]) -> None:
-    text = HOSTS_FILE.read_text()
-    HOSTS_FILE.write_text(text.rstrip("\n") + "\n" + "".join(f"{line}\n" for line in lines if line not in text))
-
-
-def _remove_hosts(lines: list[str]) -> None:
-    # Only our lines go: other tests may have changed the file meanwhile.
-    kept = [line for line in HOSTS_FILE.read_text().splitlines() if line not in lines]
-    HOSTS_FILE.write_text("\n".join(kept) + "\n")
+        unmap_names(lines)
 
 
 def make_home(home: Path, owner: tuple[int, int] | None, settings: dict[str, str]) -> Path:

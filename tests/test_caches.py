@@ -23,13 +23,13 @@ import jail
 from jail.platform.caches import find_caches
 from jail.platform.netns import strong_mode_unavailable
 from jail.platform.rootless import rootless_unavailable
+from tests.conftest import map_names, unmap_names
 from tests.registries import GENUINE, GO_MODULE, NPM_PACKAGE, REGISTRY_ADDRESS, REGISTRY_NAME, WHEEL, Registry
 
 USER = "jail-caches-test"
 RULE = f"r.host === '{REGISTRY_NAME}'"
 SYSTEM_PYTHON = "/usr/bin/python3"
-HOSTS_FILE = Path("/etc/hosts")
-HOSTS_LINE = f"{REGISTRY_ADDRESS} {REGISTRY_NAME}  # tests/test_caches.py\n"
+HOSTS_LINE = f"{REGISTRY_ADDRESS} {REGISTRY_NAME}  # tests/test_caches.py"
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a test user, /etc/hosts; CI has it)")
 
 
@@ -89,14 +89,12 @@ def registry(test_ca) -> Iterator[Registry]:
         yield server
     finally:
         server.stop()
-        HOSTS_FILE.write_text(HOSTS_FILE.read_text().replace("\n" + HOSTS_LINE, "").replace(HOSTS_LINE, ""))
+        unmap_names([HOSTS_LINE])
 
 
 def _map_registry_name() -> None:
-    """Add the registry's name to /etc/hosts, again if another test restored the file under us."""
-    if HOSTS_LINE not in HOSTS_FILE.read_text():
-        with HOSTS_FILE.open("a") as hosts:
-            hosts.write("\n" + HOSTS_LINE)
+    """Add the registry's name to /etc/hosts (again before each run: a test run beside this one may edit it)."""
+    map_names([HOSTS_LINE])
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pytest
 
 from jail.model import ProxyEndpoint
 from jail.platform.weak import WeakBackend, ssh_command
-from tests.conftest import HOSTS_FILE, UPSTREAM_HOST, wait_for
+from tests.conftest import HOSTS_FILE, UPSTREAM_HOST, map_names, unmap_names, wait_for
 from tests.test_rootless import rootless_unavailable, user  # noqa: F401  (the rootless test user)
 
 SSHD = Path("/usr/sbin/sshd")
@@ -124,13 +124,13 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
         process = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(directory / "sshd_config")], stderr=log)
     server = SshServer(address, directory, process)
     # A line left by an interrupted run (or restored by another fixture's snapshot of the file) goes first.
-    HOSTS_FILE.write_text(without_test_name(HOSTS_FILE.read_text()) + f"\n{address} {GIT_NAME}\n")
+    HOSTS_FILE.write_text(without_test_name(HOSTS_FILE.read_text()))
+    map_names([f"{address} {GIT_NAME}"])
     try:
         assert wait_for(lambda: "Server listening" in server.log.read_text(), 10), server.log.read_text()
         yield server
     finally:
-        # Only our own line goes: other tests may have added theirs meanwhile.
-        HOSTS_FILE.write_text(without_test_name(HOSTS_FILE.read_text()))
+        unmap_names([f"{address} {GIT_NAME}"])
         process.terminate()
         process.wait(10)
         if made_privsep:

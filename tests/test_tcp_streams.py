@@ -31,13 +31,14 @@ from jail.policies.policy_file import PolicyEngine, load_policy
 from jail.proxy.dns import SYNTHETIC_NETWORK, SyntheticNames, start_resolver
 from jail.proxy.streams import for_the_proxy
 from tests.conftest import (
-    HOSTS_FILE,
     PYTHON,
     UPSTREAM_HOST,
     Upstream,
     decide_all,
     host_addresses,
+    map_names,
     start_upstream,
+    unmap_names,
     wait_for,
 )
 from tests.test_rootless import user  # noqa: F401 (the rootless test user, a fixture)
@@ -345,20 +346,15 @@ def banner_server() -> Iterator[BannerServer]:
 
 
 def ensure_test_names() -> None:
-    """Other tests rewrite /etc/hosts (and restore it): put this module's names back before each run."""
-    text = HOSTS_FILE.read_text()
-    if HOSTS_LINES not in text:
-        HOSTS_FILE.write_text(text.rstrip("\n") + "\n" + HOSTS_LINES)
+    """This module's names, again before each run (a test run beside this one may edit /etc/hosts)."""
+    map_names(HOSTS_LINES.splitlines())
 
 
 @pytest.fixture(scope="module")
 def test_names() -> Iterator[None]:
     ensure_test_names()
     yield
-    # Line by line: another test may have moved them while restoring its own copy of the file.
-    mine = set(HOSTS_LINES.splitlines())
-    kept = [line for line in HOSTS_FILE.read_text().splitlines() if line not in mine]
-    HOSTS_FILE.write_text("\n".join(kept) + "\n")
+    unmap_names(HOSTS_LINES.splitlines())
 
 
 @dataclass
