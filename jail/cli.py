@@ -21,7 +21,7 @@ from jail.policies.managed import find_managed_policy
 from jail.profiles import Profile, detect, home_dir, load
 from jail.proxy.clients import ClientTokens
 from jail.proxy.secrets import Secret, hide_from_children, parse_secret_spec
-from jail.session import JailConfig, Session, check_rule
+from jail.session import WORKER_FLAG, JailConfig, Session, check_rule
 
 USAGE_EXIT_STATUS = 2
 # Like timeout(1) and docker run: jail's own failure is told apart from the command's exit codes.
@@ -157,6 +157,31 @@ def ask_settings(
     saving = ask_denials or ask_save is not None or bool(policy_files)
     save_to = save_path(ask_save, policy_files) if saving else None
     return AskSettings(ask_denials, timeout, save_to, fd)
+
+
+def worker_count(value: str | None, config: JailConfig) -> int:
+    """--workers N|auto; more than one refuses what lives in one process (a page, one fd, one HAR file)."""
+    if value is None:
+        return 1
+    if value == "auto":
+        from jail.workers import cores
+
+        count = cores()
+    elif value.isdigit() and int(value) >= 1:
+        count = int(value)
+    else:
+        raise click.BadParameter(
+            f"expected a number of processes (1 or more) or auto, not {value!r}", param_hint="--workers"
+        )
+    one_process = (
+        ("--ask", config.ask.ask_denials),
+        ("--ask-fd", config.ask.fd),
+        ("--ui", config.ui),
+        ("--har", config.har),
+    )
+    if count > 1 and (given := [name for name, value in one_process if value]):
+        raise click.UsageError(f"{given[0]} works with one proxy process, not --workers {value}")
+    return count
 
 
 def client_tokens(path: Path | None, required: bool) -> ClientTokens | None:
@@ -343,6 +368,11 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
     help="With --server: `NAME TOKEN` lines; a client names itself as http://NAME:TOKEN@host:port (r.client).",
 )
 @click.option("--require-client", is_flag=True, help="With --clients: 407 for a client without a name and token.")
+@click.option(
+    "--workers",
+    metavar="N|auto",
+    help="With --server: N proxy processes sharing the port (default 1; auto: one per core).",
+)
 @click.option("-v", "--verbose", count=True, help="Diagnostics on stderr (-vv for more).")
 @click.version_option(__version__, prog_name="jail")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -397,6 +427,7 @@ def main(
     ready_file: Path | None,
     clients_file: Path | None,
     require_client: bool,
+    workers: str | None,
     verbose: int,
     command: tuple[str, ...],
 ) -> None:
@@ -494,8 +525,14 @@ def main(
             raise click.UsageError("--secret needs a command to hand the placeholder to (not --server)")
         config.listen = parse_listen(listen or "127.0.0.1:8080", listen_public)
         config.ready_file = ready_file
+        config.workers = worker_count(workers, config)
     else:
-        server_only = (("--listen", listen), ("--ready-file", ready_file), ("--clients", clients_file))
+        server_only = (
+            ("--listen", listen),
+            ("--ready-file", ready_file),
+            ("--clients", clients_file),
+            ("--workers", workers),
+        )
         if given := [name for name, value in (*server_only, ("--require-client", require_client)) if value]:
             raise click.UsageError(f"{given[0]} only goes with --server")
         if not command:
@@ -524,6 +561,11 @@ TOOL_COMMANDS = ("log", "policy", "ask")
 def run(argv: list[str] | None = None) -> None:
     """Console entry point: every failure the user can fix is one line on stderr."""
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == [WORKER_FLAG]:
+        from jail.session import serve_as_worker
+
+        configure_logging(0)
+        sys.exit(serve_as_worker(int(args[1])))
     try:
         if args and args[0] in TOOL_COMMANDS:
             from jail.commands import tools

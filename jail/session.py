@@ -7,8 +7,11 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
+import socket
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,10 +39,15 @@ from jail.proxy.upstream import UpstreamProxies, is_proxy_setting
 
 if TYPE_CHECKING:
     from jail.policies.managed import ManagedPolicy
+    from jail.workers import WorkerSpec
 
 logger = logging.getLogger("jail")
 
 TIMEOUT_EXIT_STATUS = 124
+# The internal first argument that makes `python -m jail` one of the workers of `--server --workers N`.
+WORKER_FLAG = "--serve-as-worker"
+# A worker that could not start (its reason is told to the parent, which says it).
+JAIL_FAILURE_STATUS = 125
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # After SIGTERM or SIGHUP is passed on, the child gets this long before its tree is killed.
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -74,6 +82,8 @@ class JailConfig:
     ready_file: Path | None = None
     # --server --clients FILE [--require-client]: the names clients prove with proxy authentication.
     clients: ClientTokens | None = None
+    # --server --workers N: proxy processes sharing the listening socket (jail/workers.py).
+    workers: int = 1
     audit_mode: bool = False
     fail_on_deny: bool = False
     user: str | None = None
@@ -144,18 +154,23 @@ async def check_rule(config: JailConfig) -> int:
 class Session:
     """Owns every resource of one run, and releases each of them whatever way the run ends."""
 
-    def __init__(self, config: JailConfig) -> None:
+    def __init__(self, config: JailConfig, jail_id: str | None = None) -> None:
         self.config = config
-        self.jail_id = new_jail_id()
+        # A worker of `--server --workers N` is given its parent's: the audit records name one jail.
+        self.jail_id = jail_id or new_jail_id()
         self.stack = contextlib.AsyncExitStack()
         self.signals = SignalRelay()
+        self.verdicts: Counter[str] = Counter()
 
     async def run(self) -> int:
         async with self.stack:
             self.signals.install()
             self.stack.callback(self.signals.remove)
-            await self._start_rule_and_logs()
-            status = await (self._run_server() if self.config.server else self._run_child())
+            if self.config.server and self.config.workers > 1:
+                status = await self._run_workers()
+            else:
+                await self._start_rule_and_logs()
+                status = await (self._run_server() if self.config.server else self._run_child())
         self._warn_of_new_config_files()
         return self._verdict_status(status)
 
@@ -171,7 +186,7 @@ class Session:
 
     def _verdict_status(self, status: int) -> int:
         """Audit mode's summary line, and --fail-on-deny's non-zero exit when anything was (or would be) denied."""
-        verdicts = self.audit.verdicts
+        verdicts = self.verdicts
         refused = verdicts["deny"] + verdicts["would_deny"]
         if self.config.audit_mode:
             total = verdicts["allow"] + refused
@@ -182,6 +197,18 @@ class Session:
         return status
 
     async def _start_rule_and_logs(self) -> None:
+        await self._start_judging(self.jail_id)
+        self._make_run_dirs()
+        # What the host trusts and which proxy it uses: read from jail's own environment, before the child's is made.
+        self.trust = TrustSources.gather(self.config.upstream_ca)
+        self.upstream = UpstreamProxies.configure(self.config.upstream_proxy)
+        self.ca = CertificateAuthority.ensure(self.config.ca_dir, self.trust)
+        if self.config.filesystem is not None:
+            # Whoever holds the CA's key can forge certificates for anyone who trusts it.
+            self.config.filesystem = self.config.filesystem.denying(self.ca.private_files())
+
+    async def _start_judging(self, questions_id: str) -> None:
+        """The managed policy, the rule, the logs and the approvals room (questions named `questions_id`)."""
         self.managed = await start_managed_policy(self.config, self.stack)
         self.engine = build_engine(self.config.rule)
         await self.engine.start()
@@ -194,30 +221,26 @@ class Session:
             self._record_sinks(),
         )
         self.stack.callback(self.audit.close)
-        await self._open_approvals()
+        self.verdicts = self.audit.verdicts
+        await self._open_approvals(questions_id)
         await self._open_page()
+
+    def _make_run_dirs(self) -> None:
         remove_orphan_dirs()
         self.workdir = make_workdir(self.jail_id)
         # This one and every other temp dir of the run (the backend's, the command's private temp dir).
         self.stack.callback(remove_dirs_of, self.jail_id)
         # Before the dirs go (callbacks run last-in first): the list of cache folders made for the run is there.
         self.stack.callback(remove_empty_made_folders, self.jail_id)
-        # What the host trusts and which proxy it uses: read from jail's own environment, before the child's is made.
-        self.trust = TrustSources.gather(self.config.upstream_ca)
-        self.upstream = UpstreamProxies.configure(self.config.upstream_proxy)
-        self.ca = CertificateAuthority.ensure(self.config.ca_dir, self.trust)
-        if self.config.filesystem is not None:
-            # Whoever holds the CA's key can forge certificates for anyone who trusts it.
-            self.config.filesystem = self.config.filesystem.denying(self.ca.private_files())
 
-    async def _open_approvals(self) -> None:
+    async def _open_approvals(self, questions_id: str) -> None:
         """The room where a person answers the rule's questions (jail/approvals); the proxy asks it in
         place of the rule. Opened before the child starts: the save file must exist to be protected."""
         from jail.approvals.room import open_room
 
         judge = Judge(self.engine, self.config.audit_mode, self.config.host_grant(), self.managed)
         self.approvals = await open_room(
-            self.stack, self.jail_id, judge.decide, self.config.ask, self.audit.record_event
+            self.stack, questions_id, judge.decide, self.config.ask, self.audit.record_event
         )
 
     async def _open_page(self) -> None:
@@ -296,13 +319,85 @@ class Session:
         listeners = Listeners(listening_socket(*self.config.listen))
         endpoint = self._endpoint(listeners)
         await self._serve(listeners, isolated=False)
+        self._announce(endpoint)
+        await self.signals.stopping.wait()
+        return 0
+
+    async def _run_workers(self) -> int:
+        """`--server --workers N`: the parent binds the socket and makes the CA once, then starts N proxy
+        processes (jail/workers.py) and says it listens once every one of them accepts."""
+        from jail.workers import WorkerPool, WorkerSpec, listening_sockets
+
+        self._make_run_dirs()
+        self.ca = CertificateAuthority.ensure(self.config.ca_dir, TrustSources.gather(self.config.upstream_ca))
+        # One socket per worker on the same port; each stays open here too, for a worker's replacement.
+        sockets = listening_sockets(*self.config.listen, self.config.workers)
+        for sock in sockets[1:]:
+            self.stack.callback(sock.close)
+        endpoint = self._endpoint(Listeners(sockets[0]))
+        pool = WorkerPool(
+            (sys.executable, "-m", "jail", WORKER_FLAG),
+            self.config.workers,
+            lambda index: WorkerSpec(
+                index, self.jail_id, self.config, self.ca.directory, sockets[index].fileno(), logger.level
+            ),
+        )
+        self.stack.push_async_callback(pool.stop)
+        starting = asyncio.create_task(pool.start())
+        stopping = asyncio.create_task(self.signals.stopping.wait())
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                return 128 + self.signals.received[0]
+            starting.result()
+            self._announce(endpoint)
+            await asyncio.wait({stopping, pool.failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            starting.cancel()
+            stopping.cancel()
+            self.verdicts = pool.verdicts
+        if pool.failed.done():
+            raise JailError(pool.failed.result())
+        return 0
+
+    async def serve_as_worker(self, spec: WorkerSpec, channel: socket.socket) -> int:
+        """One of the N proxy processes of `--server --workers N`: its own rule, logs and proxy on the
+        socket and CA its parent made; its own work dir (removed by itself, and by the parent at the end)."""
+        from jail.workers import parent_gone, tell_parent, worker_signals
+
+        logging.getLogger("jail").setLevel(spec.log_level)
+        stopped = asyncio.Event()
+        worker_signals(stopped.set)
+        async with self.stack:
+            try:
+                await self._start_judging(f"{self.jail_id}.{spec.index}")
+                self.audit.worker_pid = os.getpid()
+                self.workdir = make_workdir(self.jail_id)
+                self.stack.callback(shutil.rmtree, self.workdir, ignore_errors=True)
+                self.trust = TrustSources.gather(self.config.upstream_ca)
+                self.upstream = UpstreamProxies.configure(self.config.upstream_proxy)
+                self.ca = CertificateAuthority(spec.ca_dir)
+                listeners = Listeners(socket.socket(fileno=spec.listen_fd))
+                self.stack.callback(listeners.close)
+                await self._serve(listeners, isolated=False)
+            except JailError as exc:
+                tell_parent(channel, error=str(exc))
+                return JAIL_FAILURE_STATUS
+            tell_parent(channel, ready=os.getpid())
+            parent = asyncio.create_task(parent_gone(channel))
+            stop = asyncio.create_task(stopped.wait())
+            await asyncio.wait({parent, stop}, return_when=asyncio.FIRST_COMPLETED)
+            parent.cancel()
+            stop.cancel()
+        tell_parent(channel, verdicts=dict(self.verdicts))
+        return 0
+
+    def _announce(self, endpoint: ProxyEndpoint) -> None:
         print(f"jail: proxy listening on {endpoint.url}; CA certificate: {endpoint.ca_cert}", flush=True)
         # With --listen HOST:0 the port is only known now: said on stderr, and written for scripts.
         print(f"jail: listening on {endpoint.address}", file=sys.stderr, flush=True)
         if self.config.ready_file is not None:
             write_ready_file(self.config.ready_file, endpoint.address)
-        await self.signals.stopping.wait()
-        return 0
 
     async def _run_child(self) -> int:
         backend = select_backend(
@@ -376,6 +471,15 @@ class Session:
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+
+def serve_as_worker(channel_fd: int) -> int:
+    """The entry point of a worker process (`python -m jail WORKER_FLAG FD`, jail/workers.py)."""
+    from jail.workers import receive_spec
+
+    channel = socket.socket(fileno=channel_fd)
+    spec = receive_spec(channel)
+    return asyncio.run(Session(spec.config, spec.jail_id).serve_as_worker(spec, channel))
 
 
 def write_ready_file(path: Path, address: str) -> None:

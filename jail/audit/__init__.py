@@ -160,6 +160,8 @@ class AuditSink:
         self.request_log = AppendOnlyFile(request_log, "--request-log") if request_log else None
         self.audit_log = AppendOnlyFile(audit_log, "--audit-log") if audit_log else None
         self.verdicts: Counter[str] = Counter()
+        # Set in each proxy process of `jail --server --workers N`: its records name the process that served.
+        self.worker_pid: int | None = None
 
     def record(self, started: float, request: Request, decision: Decision, outcome: Outcome) -> None:
         """One judged request or TCP stream (`Request.stream`, with `outcome.end` set): a line in the
@@ -240,6 +242,8 @@ class AuditSink:
             record["answered_by"] = decision.answered_by
         if outcome.end:
             record["end"] = outcome.end
+        if self.worker_pid is not None:
+            record["worker_pid"] = self.worker_pid
         return record
 
     def close(self) -> None:
