@@ -1,0 +1,1 @@
+"""jail's benchmark (not a test): `python bench/run.py`, see bench/README.md."""
