@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import ipaddress
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +33,20 @@ from jail.platform.docker import (
     parse_run_args,
     remove_jail,
 )
-from tests.conftest import DENIED_NAME, TEST_NAME, Listener, jail_argv, wait_for
+from jail.proxy.dns import SYNTHETIC_NETWORK
+from tests.conftest import (
+    DENIED_NAME,
+    TEST_NAME,
+    UPSTREAM_HOST,
+    Listener,
+    Upstream,
+    jail_argv,
+    map_names,
+    start_upstream,
+    unmap_names,
+    wait_for,
+)
+from tests.test_tcp_streams import BANNER, BannerServer, outside_address
 
 IMAGE = "jail-test:latest"
 CURL = ["curl", "-sS", "--connect-timeout", "3", "-m", "10", "-o", "/dev/null", "-w", "'%{http_code}\\n'"]
@@ -302,9 +317,10 @@ def test_client_ignoring_proxy_variables_is_still_judged(docker_jail, named_upst
     assert lines[:4] == ["200", "200", "403", "403"], result.stdout + result.stderr
     assert [r["host"] for r in http.requests + https.requests] == [TEST_NAME, TEST_NAME]
     records = [json.loads(line) for line in audit.read_text().splitlines()]
-    assert any(r.get("kind") == "dns" and r["name"] == TEST_NAME for r in records), "DNS goes to jail's sinkhole"
-    gateway = next(r["answer"] for r in records if r.get("kind") == "dns" and r.get("answer"))
-    assert gateway in result.stdout, "every name resolves to the gateway, where the proxy listens"
+    answers = {r["answer"] for r in records if r.get("kind") == "dns" and r["name"] == TEST_NAME and r["answer"]}
+    assert len(answers) == 1, "DNS goes to jail's resolver, which gives the name one address"
+    (synthetic,) = answers
+    assert ipaddress.ip_address(synthetic) in SYNTHETIC_NETWORK and synthetic in result.stdout
 
 
 def _host_addresses(family: int = socket.AF_INET) -> list[str]:
@@ -328,8 +344,10 @@ def test_direct_tcp_udp_and_outside_dns_fail(docker_jail):
     try:
         probes = []
         for address in addresses:
-            probes.append(f"curl -s --noproxy '*' --connect-timeout 2 http://{address}:{listener.port}/ >/dev/null")
-            probes.append(f"nc -w 2 {address} {listener.port} </dev/null")
+            # Every TCP port of every address reaches jail, which judges it: the rule denies all, so only an
+            # answer from the host itself (a 2xx, a byte) would be an escape.
+            probes.append(f"curl -sf --noproxy '*' --connect-timeout 2 http://{address}:{listener.port}/ >/dev/null")
+            probes.append(f"nc -w 2 {address} {listener.port} </dev/null | grep -q .")
             probes.append(f"timeout 4 nslookup outside.example {address}")
         # The gateway itself: only the proxy's ports and DNS; its other services are closed.
         probes.append(f"curl -s --noproxy '*' --connect-timeout 2 http://$GW:{listener.port}/ >/dev/null")
@@ -340,7 +358,7 @@ def test_direct_tcp_udp_and_outside_dns_fail(docker_jail):
         script = "GW=$(ip route | awk '/default/ {print $3}'); " + "; ".join(
             f"{probe} && echo 'PASSED: {probe}' || echo blocked" for probe in probes
         )
-        result = docker_jail("--js", "true", docker=in_container(script), timeout=120)
+        result = docker_jail("--js", "false", docker=in_container(script), timeout=120)
         assert "PASSED" not in result.stdout, result.stdout
         assert result.stdout.split().count("blocked") == len(probes), result.stdout + result.stderr
         received = []
@@ -353,6 +371,126 @@ def test_direct_tcp_udp_and_outside_dns_fail(docker_jail):
         listener.close()
         for udp in resolvers:
             udp.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every TCP connection judged by name, on any port, as in the strong mode
+
+ECHO_NAME = "jail-docker-echo.test"
+ECHO_ADDRESS = "127.0.0.6"  # ECHO_NAME's real address, let through with --allow-private
+WEB_NAME = "jail-docker-web.test"  # the test upstreams' address, where web_8080 listens
+NAME_LINES = [f"{ECHO_ADDRESS} {ECHO_NAME}", f"{UPSTREAM_HOST} {WEB_NAME}"]
+UNKNOWN_SYNTHETIC = "198.18.255.200"
+
+
+@pytest.fixture(scope="module")
+def docker_names() -> Iterator[None]:
+    """This module's names in the host's /etc/hosts, where jail looks them up after an allow."""
+    map_names(NAME_LINES)
+    yield
+    unmap_names(NAME_LINES)
+
+
+@pytest.fixture(scope="module")
+def banner_server() -> Iterator[BannerServer]:
+    server = BannerServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def web_8080() -> Iterator[Upstream]:
+    try:
+        upstream = start_upstream("http", None, port=8080)
+    except OSError as exc:
+        pytest.skip(f"port 8080 of {UPSTREAM_HOST} is taken: {exc}")
+    yield upstream
+    upstream.stop()
+
+
+def stream_records(audit: Path) -> list[dict]:
+    return [r for r in map(json.loads, audit.read_text().splitlines()) if r.get("scheme") == "tcp"]
+
+
+def nc_talks(*hosts: str, port: int) -> str:
+    """busybox nc to each host in turn, the server speaking first; their outputs separated by `|`."""
+    return "; echo '|'; ".join(f"(sleep 0.5; echo ping) | nc -w 3 {host} {port}" for host in hosts)
+
+
+def test_streams_by_name_and_by_literal_are_judged_and_relayed(docker_jail, docker_names, banner_server, tmp_path):
+    literal, port = outside_address(), banner_server.port
+    before = len(banner_server.connections)
+    audit, requests = tmp_path / "audit.jsonl", tmp_path / "requests.log"
+    rule = f"r.scheme === 'tcp' && r.port === {port} && ['{ECHO_NAME}', '{literal}'].includes(r.host)"
+    result = docker_jail(
+        *["--js", rule, "--allow-private", f"{ECHO_ADDRESS}/32", "--allow-private", f"{literal}/32"],
+        *["--audit-log", str(audit), "--request-log", str(requests)],
+        docker=in_container(nc_talks(ECHO_NAME, literal, UNKNOWN_SYNTHETIC, port=port)),
+    )
+    by_name, by_literal, unknown = result.stdout.split("|\n")
+    # The banner came before anything was sent: the server spoke first, through jail.
+    assert by_name == by_literal == f"{BANNER.decode().strip()}\nPING\n", result.stdout + result.stderr
+    assert unknown == "", "a synthetic address that stands for no name reaches nothing"
+    assert len(banner_server.connections) == before + 2
+    named, literal_record, refused = stream_records(audit)
+    assert (named["url"], named["decision"], named["address"], named["bytes_up"]) == (
+        f"tcp://{ECHO_NAME}:{port}",
+        "allow",
+        ECHO_ADDRESS,
+        len("ping\n"),
+    )
+    assert named["bytes_down"] == len(BANNER) + len("PING\n") and named["end"] in ("client_closed", "server_closed")
+    assert (literal_record["host"], literal_record["address"], literal_record["decision"]) == (
+        literal,
+        literal,
+        "allow",
+    )
+    assert (refused["host"], refused["reason_code"], refused["end"]) == (
+        UNKNOWN_SYNTHETIC,
+        "unknown_synthetic",
+        "denied",
+    )
+    lines = [line.split(" ", 1)[1] for line in requests.read_text().splitlines()]
+    assert f"+ CONNECT tcp://{ECHO_NAME}:{port}" in lines and f"- CONNECT tcp://{UNKNOWN_SYNTHETIC}:{port}" in lines
+
+
+def test_a_denied_stream_reaches_nothing_and_the_audit_log_says_why(docker_jail, docker_names, banner_server, tmp_path):
+    literal, port = outside_address(), banner_server.port
+    before = len(banner_server.connections)
+    audit, requests = tmp_path / "audit.jsonl", tmp_path / "requests.log"
+    result = docker_jail(
+        *["--js", "r.scheme === 'tcp' ? 'no streams from this container' : true"],
+        *["--allow-private", f"{ECHO_ADDRESS}/32", "--allow-private", f"{literal}/32"],
+        *["--audit-log", str(audit), "--request-log", str(requests)],
+        docker=in_container(nc_talks(ECHO_NAME, literal, port=port)),
+    )
+    assert result.stdout.split("|\n") == ["", ""], result.stdout + result.stderr
+    time.sleep(0.3)
+    assert len(banner_server.connections) == before, "the server sees no connection"
+    assert [(r["url"], r["decision"], r["reason"], r["end"]) for r in stream_records(audit)] == [
+        (f"tcp://{ECHO_NAME}:{port}", "deny", "no streams from this container", "denied"),
+        (f"tcp://{literal}:{port}", "deny", "no streams from this container", "denied"),
+    ]
+    lines = [line.split(" ", 1)[1] for line in requests.read_text().splitlines()]
+    assert lines == [f"- CONNECT tcp://{ECHO_NAME}:{port}", f"- CONNECT tcp://{literal}:{port}"]
+
+
+def test_http_on_another_port_is_judged_per_request(docker_jail, docker_names, web_8080, tmp_path):
+    web_8080.reset()
+    policy = tmp_path / "paths.toml"
+    policy.write_text(f'[[rule]]\naction = "allow"\nhost = "{WEB_NAME}"\npath = "/allowed"\n')
+    audit = tmp_path / "audit.jsonl"
+    # -Y off: busybox wget ignores the proxy variables, so only the redirect brings it to jail.
+    script = "; ".join(
+        f"wget -Y off -q -O /dev/null http://{WEB_NAME}:8080/{path} && echo 200 || echo refused"
+        for path in ("allowed", "denied")
+    )
+    result = docker_jail("--policy", str(policy), "--audit-log", str(audit), docker=in_container(script))
+    assert result.stdout.split() == ["200", "refused"], result.stdout + result.stderr
+    assert "403" in result.stderr
+    assert [r["path"] for r in web_8080.requests] == ["/allowed"]
+    judged = [(r["url"], r["decision"]) for r in map(json.loads, audit.read_text().splitlines()) if "decision" in r]
+    assert judged == [(f"http://{WEB_NAME}:8080/allowed", "allow"), (f"http://{WEB_NAME}:8080/denied", "deny")]
 
 
 # ---------------------------------------------------------------------------------------------

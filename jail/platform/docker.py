@@ -1,14 +1,18 @@
-"""Docker backend (root): the container's only way out is jail's proxy.
+"""Docker backend (root): the container's only way out is jail.
 
-    container ── eth0 ══ jb_<id> (bridge of the internal network jail-<id>) ── host: proxy, DNS sinkhole
+    container ── eth0 ══ jb_<id> (bridge of the network jail-<id>) ── host: proxy, jail's resolver
 
-Each jail gets its own internal bridge network on a free /29 of 10.234.0.0/16. Docker still gives
-an internal network a default route when it does not manage iptables, so a host nftables table
-`inet jail_<id>` (the strong mode's host ruleset, on the bridge) enforces the rest: TCP 80/443 from
-the container is redirected to the transparent proxy, the gateway accepts only the proxy ports and
-DNS, everything else is rejected, and nothing is forwarded to or from the bridge, IPv4 and IPv6.
-The container's resolver is jail's sinkhole (`dns=[gateway]`). It trusts jail's CA through the
-weak mode's variables and a read-only mount of the CA certificate and bundle; the key never enters it.
+Each jail gets its own bridge network on a free /29 of 10.234.0.0/16, and a host nftables table
+`inet jail_<id>` on the bridge (the strong mode's host ruleset) is what confines it: TCP to any other
+address and any port is redirected to jail's transparent listener, which judges HTTP and TLS per request
+and any other stream once, by name (jail.proxy.streams); the gateway accepts only the proxy's ports and
+DNS; everything else (UDP, so QUIC, included) is rejected, and nothing is forwarded to or from the
+bridge, IPv4 and IPv6. The container's resolver is jail's (`dns=[gateway]`), which gives each name a
+synthetic address (jail.proxy.dns.SyntheticNames). The network is not Docker's `internal` kind: recent
+Docker gives a container on one no default route, and the synthetic addresses must reach the bridge to
+be redirected; the table is in place before the container starts. The container trusts jail's CA
+through the weak mode's variables and a read-only mount of the CA certificate and bundle; the key never
+enters it.
 
 The child process is `python -m jail.platform.docker_attach SPEC`: it creates and starts the
 container, attaches stdio, forwards signals and exits with the container's status.
@@ -145,10 +149,10 @@ REFUSED_OPTIONS = {
     "--device": "a host device gives the container a way around the jail",
     "-d": "jail must stay attached to the container to judge its requests",
     "--detach": "jail must stay attached to the container to judge its requests",
-    "-p": "the jail's network is internal: nothing can be published",
-    "--publish": "the jail's network is internal: nothing can be published",
-    "-P": "the jail's network is internal: nothing can be published",
-    "--publish-all": "the jail's network is internal: nothing can be published",
+    "-p": "the jail's network takes no connection from outside: nothing can be published",
+    "--publish": "the jail's network takes no connection from outside: nothing can be published",
+    "-P": "the jail's network takes no connection from outside: nothing can be published",
+    "--publish-all": "the jail's network takes no connection from outside: nothing can be published",
 }
 
 
@@ -346,11 +350,11 @@ class DockerBackend:
             listening_socket(self.gateway),
             listening_socket(self.gateway),
             datagram_socket(self.gateway, DNS_PORT),
-            sinkhole=self.gateway,
         )
         ports = (listeners.regular.getsockname()[1], listeners.transparent.getsockname()[1])
         try:
-            # The strong mode's host table, on the bridge: 80/443 redirected, only proxy and DNS accepted.
+            # The strong mode's host table, on the bridge: every TCP port of any other address redirected,
+            # only the proxy and DNS accepted at the gateway, nothing forwarded.
             run_tool(["nft", "-f", "-"], host_ruleset(self.names, self.gateway, ports))
         except BaseException:
             listeners.close()
@@ -374,7 +378,8 @@ class DockerBackend:
                     self.client.networks.create(
                         names.network,
                         driver="bridge",
-                        internal=True,
+                        # Not `internal`: the container needs its default route (see the module's doc).
+                        internal=False,
                         ipam=ipam,
                         labels={LABEL: self.jail_id},
                         options={
