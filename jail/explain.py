@@ -29,6 +29,10 @@ ROOTLESS_GUARANTEES = (
     f"own user and network namespace with loopback only, jail the only way out; {TCP_BY_NAME}; DNS to any"
     " server gets jail's answer; the command runs as you, without capabilities over its network"
 )
+DOCKER_GUARANTEES = (
+    f"the container's network is a bridge of its own whose only way out is jail; {TCP_BY_NAME}; the gateway"
+    " takes only jail's proxy and DNS, nothing is forwarded, IPv6 is rejected"
+)
 NAMESPACE_GUARANTEES = (
     "own user and network namespace with loopback only and no firewall: jail's proxy (reached through the"
     " proxy variables) and its resolver are the only way out; a program that ignores the proxy variables"
@@ -254,7 +258,7 @@ def _mode(config: JailConfig) -> str:
         "strong": f"strong: {STRONG_GUARANTEES}{user}",
         "rootless": f"rootless: {ROOTLESS_GUARANTEES}",
         "namespace": f"namespace ({reason}): {NAMESPACE_GUARANTEES}",
-        "docker": "docker: the container's network is an internal bridge whose only way out is jail",
+        "docker": f"docker: {DOCKER_GUARANTEES}",
     }[mode]
 
 

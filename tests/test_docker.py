@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tarfile
 import tempfile
@@ -381,6 +382,7 @@ ECHO_ADDRESS = "127.0.0.6"  # ECHO_NAME's real address, let through with --allow
 WEB_NAME = "jail-docker-web.test"  # the test upstreams' address, where web_8080 listens
 NAME_LINES = [f"{ECHO_ADDRESS} {ECHO_NAME}", f"{UPSTREAM_HOST} {WEB_NAME}"]
 UNKNOWN_SYNTHETIC = "198.18.255.200"
+PATHS = ("allowed", "denied")
 
 
 @pytest.fixture(scope="module")
@@ -399,13 +401,20 @@ def banner_server() -> Iterator[BannerServer]:
 
 
 @pytest.fixture(scope="module")
-def web_8080() -> Iterator[Upstream]:
+def web_upstreams(test_ca) -> Iterator[tuple[Upstream, Upstream]]:
+    """HTTP on 8080 and HTTPS on 8443 of the test upstreams' address, the certificate for WEB_NAME."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    test_ca.issue_cert(WEB_NAME).configure_cert(context)
+    started = []
     try:
-        upstream = start_upstream("http", None, port=8080)
+        started += [start_upstream("http", None, port=8080), start_upstream("https", context, port=8443)]
     except OSError as exc:
-        pytest.skip(f"port 8080 of {UPSTREAM_HOST} is taken: {exc}")
-    yield upstream
-    upstream.stop()
+        for upstream in started:
+            upstream.stop()
+        pytest.skip(f"port 8080 or 8443 of {UPSTREAM_HOST} is taken: {exc}")
+    yield started[0], started[1]
+    for upstream in started:
+        upstream.stop()
 
 
 def stream_records(audit: Path) -> list[dict]:
@@ -475,22 +484,36 @@ def test_a_denied_stream_reaches_nothing_and_the_audit_log_says_why(docker_jail,
     assert lines == [f"- CONNECT tcp://{ECHO_NAME}:{port}", f"- CONNECT tcp://{literal}:{port}"]
 
 
-def test_http_on_another_port_is_judged_per_request(docker_jail, docker_names, web_8080, tmp_path):
-    web_8080.reset()
+def test_http_and_https_on_other_ports_are_judged_per_request(docker_jail, docker_names, web_upstreams, tmp_path):
+    http, https = web_upstreams
+    http.reset()
+    https.reset()
     policy = tmp_path / "paths.toml"
     policy.write_text(f'[[rule]]\naction = "allow"\nhost = "{WEB_NAME}"\npath = "/allowed"\n')
     audit = tmp_path / "audit.jsonl"
-    # -Y off: busybox wget ignores the proxy variables, so only the redirect brings it to jail.
-    script = "; ".join(
-        f"wget -Y off -q -O /dev/null http://{WEB_NAME}:8080/{path} && echo 200 || echo refused"
-        for path in ("allowed", "denied")
-    )
-    result = docker_jail("--policy", str(policy), "--audit-log", str(audit), docker=in_container(script))
-    assert result.stdout.split() == ["200", "refused"], result.stdout + result.stderr
-    assert "403" in result.stderr
-    assert [r["path"] for r in web_8080.requests] == ["/allowed"]
+    # Neither client uses the proxy variables (busybox wget -Y off, curl --noproxy): only the redirect
+    # brings them to jail.
+    calls = [f"wget -Y off -q -O /dev/null http://{WEB_NAME}:8080/{path} && echo 200 || echo refused" for path in PATHS]
+    calls += [" ".join([*CURL, "--noproxy", "'*'", f"https://{WEB_NAME}:8443/{path}"]) for path in PATHS]
+    result = docker_jail("--policy", str(policy), "--audit-log", str(audit), docker=in_container("; ".join(calls)))
+    assert result.stdout.split() == ["200", "refused", "200", "403"], result.stdout + result.stderr
+    assert "403" in result.stderr, "wget says why"
+    assert [r["path"] for r in http.requests] == [r["path"] for r in https.requests] == ["/allowed"]
     judged = [(r["url"], r["decision"]) for r in map(json.loads, audit.read_text().splitlines()) if "decision" in r]
-    assert judged == [(f"http://{WEB_NAME}:8080/allowed", "allow"), (f"http://{WEB_NAME}:8080/denied", "deny")]
+    assert judged == [
+        (f"http://{WEB_NAME}:8080/allowed", "allow"),
+        (f"http://{WEB_NAME}:8080/denied", "deny"),
+        (f"https://{WEB_NAME}:8443/allowed", "allow"),
+        (f"https://{WEB_NAME}:8443/denied", "deny"),
+    ]
+
+
+def test_explain_describes_the_tcp_path(run_jail):
+    if os.geteuid() != 0:
+        pytest.skip("--explain names the Docker mode only where it can run (root)")
+    explained = run_jail("--explain", "--docker-run", "--", IMAGE, "true")
+    mode = next(line for line in explained.stdout.splitlines() if line.startswith("mode: docker"))
+    assert "CONNECT tcp://NAME:PORT" in mode and "synthetic address" in mode and "UDP is refused" in mode
 
 
 # ---------------------------------------------------------------------------------------------
