@@ -22,7 +22,12 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_PATH = BENCH_DIR / "results-latest.json"
 
 # Per part, the tools it cannot run without (nginx is every measured part's upstream).
-TOOLS = {"load": ["nginx", "hey", "tinyproxy", "mitmdump"], "bulk": ["nginx", "curl", "mitmdump", "tinyproxy"]}
+TOOLS = {
+    "load": ["nginx", "hey", "tinyproxy", "mitmdump"],
+    "bulk": ["nginx", "curl", "mitmdump", "tinyproxy"],
+    "workers": ["nginx", "hey"],
+    "crowd": ["nginx", "hey"],
+}
 
 
 def find_tools(parts: set[str]) -> dict[str, str]:

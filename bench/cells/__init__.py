@@ -37,8 +37,10 @@ class Cell:
 
 def all_cells() -> list[type[Cell]]:
     from bench.cells.bulk import BulkCell
+    from bench.cells.crowd import CrowdCell
     from bench.cells.load import LoadCell
     from bench.cells.rules import RulesCell
     from bench.cells.startup import StartupCell
+    from bench.cells.workers import WorkersCell
 
-    return [RulesCell, StartupCell, LoadCell, BulkCell]
+    return [RulesCell, StartupCell, LoadCell, BulkCell, WorkersCell, CrowdCell]

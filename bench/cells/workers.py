@@ -1,0 +1,181 @@
+"""`jail --server --workers N`: requests/s at c=50 over intercepted HTTPS with 1 and 2 proxy processes,
+alternated, with the CPU the load generator and jail took (they share the machine's cores)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.cells import Cell
+from bench.harness import Bench, BenchError, log
+from bench.hey import HeyRun, run_hey
+from bench.report import Verdict, fmt, fmt_ms, ratio
+
+CONCURRENCY = 50
+WORKER_COUNTS = (1, 2)
+TARGET_SPEEDUP = 1.6
+
+
+def started_pid(bench: Bench) -> int:
+    """The process the bench started last (the jail server a cell just started)."""
+    return bench.processes.running[-1][1].pid
+
+
+def jail_processes(pid: int) -> list[Any]:
+    """A jail server and its worker processes (psutil)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    return [parent, *parent.children(recursive=True)]
+
+
+def cpu_seconds(processes: list[Any]) -> float:
+    import psutil
+
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def children_cpu_seconds() -> float:
+    """CPU of this process's waited-for children: hey's, once each run has ended."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class WorkersRun:
+    hey: HeyRun
+    hey_cores: float
+    jail_cores: float
+    load_average: float
+
+
+@dataclass
+class WorkersTarget:
+    workers: int
+    port: int
+    pid: int
+    runs: list[WorkersRun] = field(default_factory=list)
+
+
+def median(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
+
+
+class WorkersCell(Cell):
+    part = "workers"
+
+    def __init__(self) -> None:
+        self.targets_: list[WorkersTarget] = []
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--workers-duration", type=float, help="seconds of hey per worker count and round (default 8, quick 3)"
+        )
+
+    def duration(self, bench: Bench) -> float:
+        return bench.args.workers_duration or (3.0 if bench.args.quick else 8.0)
+
+    def setup(self, bench: Bench) -> None:
+        for count in WORKER_COUNTS:
+            system = f"jail --workers {count}"
+            port = bench.start_jail_server(system, ["--js", "true"], ["--workers", str(count)])
+            pid = started_pid(bench)
+            self.targets_.append(WorkersTarget(count, port, pid))
+        for target in self.targets_:  # warm-up: connections, leaf certificates, each worker's caches
+            run = run_hey(bench.tools["hey"], bench.upstream().url("https", "/"), 2, CONCURRENCY, target.port)
+            if run.failure or run.bad or not run.total:
+                raise BenchError(f"warm-up of --workers {target.workers} failed: {run.failure or run.statuses}")
+
+    def measure(self, bench: Bench, round_index: int) -> None:
+        # Alternated, and each round starts with the other one.
+        order = self.targets_ if round_index % 2 == 0 else self.targets_[::-1]
+        for target in order:
+            if not bench.within_budget():
+                break
+            processes = jail_processes(target.pid)
+            jail_before, hey_before, started = cpu_seconds(processes), children_cpu_seconds(), time.monotonic()
+            run = run_hey(
+                bench.tools["hey"], bench.upstream().url("https", "/"), self.duration(bench), CONCURRENCY, target.port
+            )
+            wall = time.monotonic() - started
+            measured = WorkersRun(
+                run,
+                hey_cores=(children_cpu_seconds() - hey_before) / wall,
+                jail_cores=(cpu_seconds(processes) - jail_before) / wall,
+                load_average=os.getloadavg()[0],
+            )
+            target.runs.append(measured)
+            shown = f"{run.rps:7.0f} req/s p99 {fmt_ms(run.p99_s)} ms" if run.rps is not None else run.failure
+            log(
+                f"round {round_index + 1}: --workers {target.workers} https c={CONCURRENCY} {shown}, "
+                f"hey {measured.hey_cores:.2f} cores, jail {measured.jail_cores:.2f} cores, "
+                f"load {measured.load_average:.2f}" + (f", {run.bad} not 200" if run.bad else "")
+            )
+
+    def results(self, bench: Bench) -> dict[str, Any]:
+        rows = [
+            {
+                "workers": target.workers,
+                "median_rps": median([run.hey.rps for run in target.runs]),
+                "median_p99_ms": median([run.hey.p99_s * 1000 if run.hey.p99_s else None for run in target.runs]),
+                "median_hey_cores": median([run.hey_cores for run in target.runs]),
+                "median_jail_cores": median([run.jail_cores for run in target.runs]),
+                "rounds_rps": [run.hey.rps for run in target.runs],
+                "load_averages": [run.load_average for run in target.runs],
+                "not_200_total": sum(run.hey.bad for run in target.runs),
+            }
+            for target in self.targets_
+        ]
+        by_count = {row["workers"]: row["median_rps"] for row in rows}
+        return {
+            "concurrency": CONCURRENCY,
+            "duration_s": self.duration(bench),
+            "cores": os.cpu_count(),
+            "rows": rows,
+            "speedup_2_vs_1": ratio(by_count.get(2), by_count.get(1)),
+        }
+
+    def targets(self, results: dict[str, Any]) -> list[Verdict]:
+        return [
+            Verdict.at_least(
+                f"workers: 2 / 1 worker req/s, HTTPS intercepted, c={results['concurrency']}",
+                results["speedup_2_vs_1"],
+                TARGET_SPEEDUP,
+                "x",
+            )
+        ]
+
+    def markdown(self, results: dict[str, Any]) -> list[str]:
+        if not results["rows"]:
+            return []
+        out = [
+            f"**Workers** (`jail --server --js true --workers N`, `hey -c {results['concurrency']}` keep-alive over "
+            f"intercepted HTTPS to nginx, {results['duration_s']:g} s per run, 1 and 2 workers alternated, medians; "
+            f"hey runs on the same {results['cores']} cores: its CPU is shown)",
+            "",
+            "| workers | median req/s | p99 ms | hey cores | jail cores | per round req/s | load average |",
+            "|--:|--:|--:|--:|--:|---|---|",
+        ]
+        for row in results["rows"]:
+            rounds = " ".join(f"{v:.0f}" for v in row["rounds_rps"] if v is not None)
+            loads = " ".join(f"{v:.2f}" for v in row["load_averages"])
+            out.append(
+                f"| {row['workers']} | {fmt(row['median_rps'], '.0f')} | {fmt(row['median_p99_ms'], '.1f')} | "
+                f"{fmt(row['median_hey_cores'], '.2f')} | {fmt(row['median_jail_cores'], '.2f')} | {rounds} | {loads} |"
+            )
+        out.append(f"\n2 workers / 1 worker: {fmt(results['speedup_2_vs_1'], '.2f')}x")
+        return [*out, ""]
