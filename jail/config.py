@@ -47,6 +47,7 @@ NOT_SETTINGS = frozenset(
         "test-method",
         "clients",
         "require-client",
+        "workers",
         "ask-fd",
         "help",
         "version",
