@@ -324,7 +324,7 @@ class Session:
         return 0
 
     async def _run_workers(self) -> int:
-        """`--server --workers N`: the parent binds the socket and makes the CA once, then starts N proxy
+        """`--server --workers N`: the parent binds the sockets and makes the CA once, then starts N proxy
         processes (jail/workers.py) and says it listens once every one of them accepts."""
         from jail.workers import WorkerPool, WorkerSpec, listening_sockets
 

@@ -39,7 +39,7 @@ logger = logging.getLogger("jail")
 # After the parent asks, a worker gets this long to finish its requests and close before it is killed.
 STOP_GRACE_SECONDS = 8.0
 # A worker that dies sooner than this after it became ready is not restarted: the next would die too.
-RESTART_MIN_UPTIME_SECONDS = 10.0
+RESTART_MIN_UPTIME_SECONDS = 5.0
 _LENGTH = struct.Struct("!I")
 
 

@@ -17,6 +17,7 @@ import psutil
 import pytest
 import requests
 
+from jail.workers import RESTART_MIN_UPTIME_SECONDS
 from tests.conftest import UPSTREAM_HOST, free_port, jail_argv, wait_for
 
 REQUEST_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z [+-] GET https://\S+")
@@ -192,3 +193,37 @@ def test_a_rule_that_does_not_compile_is_one_error_from_the_workers(run_jail):
     assert result.returncode == 125
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jail: error: JavaScript rule does not compile"), lines
+
+
+def test_a_worker_that_dies_later_is_replaced_and_the_server_goes_on(jail_env, test_ca_file, https_upstream, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    process, port = start_server(jail_env, test_ca_file, "--workers", "2", "--js", "true", "--audit-log", str(audit))
+    first, second = worker_pids(process.pid)
+    time.sleep(RESTART_MIN_UPTIME_SECONDS + 0.5)
+    os.kill(first, signal.SIGKILL)
+    assert wait_for(lambda: len(set(worker_pids(process.pid)) - {first, second}) == 1, timeout=20)
+    replacement = (set(worker_pids(process.pid)) - {second}).pop()
+    proxies = {"https": f"http://127.0.0.1:{port}"}
+    bundle = Path(jail_env["JAIL_CA_DIR"]) / "trust" / "ca-bundle.pem"
+    for number in range(200):  # new connections until the replacement has served one
+        assert requests.get(https_upstream.url(f"/{number}"), proxies=proxies, verify=bundle, timeout=30).ok
+        if replacement in {record["worker_pid"] for record in audit_records(audit)}:
+            break
+    assert replacement in {record["worker_pid"] for record in audit_records(audit)}
+    process.terminate()
+    assert process.wait(20) == 0
+    assert f"worker 0 (pid {first}) was killed by signal 9; starting another" in process.stderr.read()
+
+
+def test_fail_on_deny_counts_every_worker_s_denials(jail_env, test_ca_file, https_upstream):
+    process, port = start_server(jail_env, test_ca_file, "--workers", "2", "--js", "false", "--fail-on-deny")
+    proxies = {"https": f"http://127.0.0.1:{port}"}
+    bundle = Path(jail_env["JAIL_CA_DIR"]) / "trust" / "ca-bundle.pem"
+    for number in range(6):
+        assert (
+            requests.get(https_upstream.url(f"/{number}"), proxies=proxies, verify=bundle, timeout=30).status_code
+            == 403
+        )
+    process.terminate()
+    assert process.wait(20) == 1
+    assert "jail: 6 requests were denied or would have been (--fail-on-deny)" in process.stderr.read()
