@@ -17,6 +17,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -374,6 +375,91 @@ def test_direct_tcp_udp_and_outside_dns_fail(docker_jail):
             udp.close()
 
 
+OUTSIDE = ipaddress.ip_network("10.236.0.0/30")  # a "remote" network only the host's forwarding reaches
+UDP_WATCHER = """
+import socket, sys
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("0.0.0.0", 53))
+while True:
+    print(udp.recvfrom(512)[1][0], flush=True)
+"""
+
+
+@pytest.fixture
+def forwarding_host() -> Iterator[tuple[str, subprocess.Popen]]:
+    """The host as a Docker that manages iptables leaves it: forwarding on and a table accepting the
+    bridges' traffic; a namespace behind a veth stands for the rest of the network, and
+    a watcher there prints the source of every datagram that reaches its port 53. Yields its address and
+    the watcher."""
+    namespace = f"jdo{os.getpid() % 100000}"
+    host_link, outside_link = f"{namespace}h", f"{namespace}o"
+    host_side, outside = (str(address) for address in OUTSIDE.hosts())
+    forwarding = Path("/proc/sys/net/ipv4/ip_forward")
+    was = forwarding.read_text()
+    mimic = f"""
+table inet {namespace} {{
+    chain forward {{ type filter hook forward priority 0; policy accept; iifname "jb_*" accept; }}
+}}
+"""
+    steps = [
+        ["ip", "netns", "add", namespace],
+        ["ip", "link", "add", host_link, "type", "veth", "peer", "name", outside_link, "netns", namespace],
+        ["ip", "addr", "add", f"{host_side}/30", "dev", host_link],
+        ["ip", "link", "set", host_link, "up"],
+        ["ip", "-n", namespace, "addr", "add", f"{outside}/30", "dev", outside_link],
+        ["ip", "-n", namespace, "link", "set", outside_link, "up"],
+        ["ip", "-n", namespace, "route", "add", "default", "via", host_side],
+    ]
+    watcher = None
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True)
+        subprocess.run(["nft", "-f", "-"], input=mimic, text=True, check=True, capture_output=True)
+        forwarding.write_text("1")
+        watcher = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, sys.executable, "-c", UDP_WATCHER], stdout=subprocess.PIPE, text=True
+        )
+        yield outside, watcher
+    finally:
+        forwarding.write_text(was)
+        if watcher is not None:
+            watcher.kill()
+            watcher.wait()
+        subprocess.run(["nft", "delete", "table", "inet", namespace], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "delete", host_link], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "delete", namespace], capture_output=True, check=False)
+
+
+def test_nothing_is_forwarded_even_where_docker_forwards_everything(docker_jail, docker_client, forwarding_host):
+    """The jail's network is not Docker's `internal` kind, so Docker's own rules would let it out; the
+    jail's table must stop UDP and ICMP to another network even then (TCP goes to jail, tested above)."""
+    import docker
+
+    outside, watcher = forwarding_host
+    probe = f"timeout 3 nslookup leak.example {outside}; ping -c 1 -W 1 {outside} >/dev/null && echo PINGED"
+    # The same probe from a container on an ordinary network reaches the watcher: the setup can see a leak.
+    control_network = ipaddress.ip_network("10.235.7.0/29")
+    plain = docker_client.networks.create(
+        "jail-test-plain",
+        driver="bridge",
+        ipam=docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=str(control_network))]),
+        options={"com.docker.network.bridge.name": "jb_plain"},
+    )
+    try:
+        control = docker_client.containers.run(IMAGE, ["sh", "-c", probe], network=plain.name, remove=True)
+    finally:
+        plain.remove()
+    assert b"PINGED" in control, control
+    result = docker_jail("--js", "true", docker=in_container(probe))
+    assert "PINGED" not in result.stdout, result.stdout
+    time.sleep(0.5)
+    watcher.kill()
+    sources = {ipaddress.ip_address(line) for line in watcher.stdout.read().split()}
+    assert sources and all(source in control_network for source in sources), (
+        "the control's queries reach the watcher, the jail's container's never"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Every TCP connection judged by name, on any port, as in the strong mode
 
@@ -482,6 +568,24 @@ def test_a_denied_stream_reaches_nothing_and_the_audit_log_says_why(docker_jail,
     ]
     lines = [line.split(" ", 1)[1] for line in requests.read_text().splitlines()]
     assert lines == [f"- CONNECT tcp://{ECHO_NAME}:{port}", f"- CONNECT tcp://{literal}:{port}"]
+
+
+def test_the_address_guard_refuses_loopback_behind_an_allowed_name(docker_jail, docker_names, banner_server, tmp_path):
+    before = len(banner_server.connections)
+    audit = tmp_path / "audit.jsonl"
+    result = docker_jail(
+        "--js", "true", "--audit-log", str(audit), docker=in_container(nc_talks(ECHO_NAME, port=banner_server.port))
+    )
+    assert result.stdout == "", result.stdout + result.stderr
+    time.sleep(0.3)
+    assert len(banner_server.connections) == before, "jail dialled nothing"
+    (record,) = stream_records(audit)
+    assert (record["decision"], record["reason_code"], record["end"], record["address"]) == (
+        "allow",
+        "loopback_address",
+        "refused",
+        ECHO_ADDRESS,
+    )
 
 
 def test_http_and_https_on_other_ports_are_judged_per_request(docker_jail, docker_names, web_upstreams, tmp_path):
