@@ -6,8 +6,9 @@ which also covers tunnels whose content is neither HTTP nor TLS. Such a tunnel (
 ProxyCommand, any client that CONNECTs to a port and speaks its own protocol) is a plain TCP stream,
 judged once as `CONNECT tcp://host:port` (at CONNECT time when the client says so with the
 `Jail-Tunnel: tcp` header, so that a refusal is a 403 it can show; otherwise when mitmproxy turns the
-tunnel into a TCP flow) and, if allowed, dialled to the address the guard checked and relayed; its audit
-record, written when it ends, carries the bytes each way and the duration. With an upstream (corporate) proxy,
+tunnel into a TCP flow, from the client's first bytes or, when the server speaks first, from its
+silence) and, if allowed, dialled to the address the guard checked and relayed; its audit record,
+written when it ends, carries the bytes each way and the duration. With an upstream (corporate) proxy,
 an allowed request is routed through it (`via`, or absolute form for plain HTTP); the proxy is dialled
 only for such a request, and a denied one never reaches it.
 
@@ -22,6 +23,7 @@ never the one to pick between two names.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import re
@@ -30,10 +32,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mitmproxy import connection, http, tcp
+from mitmproxy import connection, ctx, http, tcp
 from mitmproxy.net import encoding
 from mitmproxy.net.http import url
-from mitmproxy.proxy import server_hooks
+from mitmproxy.net.http.http1 import expected_http_body_size
+from mitmproxy.proxy import events, layer, layers, server_hooks
 from mitmproxy.proxy.layers import tls
 from mitmproxy.proxy.mode_specs import RegularMode, TransparentMode
 
@@ -52,6 +55,7 @@ from jail.model import DEFAULT_PORTS, Decision, Request, format_authority, norma
 from jail.proxy.clients import ClientAuthError, ClientTokens
 from jail.proxy.guard import AddressGuard
 from jail.proxy.secrets import Secret, Vault
+from jail.proxy.streams import SNIFF_SECONDS
 from jail.proxy.upstream import ProxyServer, UpstreamProxies
 
 logger = logging.getLogger("jail.proxy")
@@ -243,8 +247,12 @@ class ByteCounter:
         self.transform = transform
         self.count = 0
         self.kept = bytearray() if keep else None
+        self.plain = limit is None and transform is None and not keep
 
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
+        if self.plain:  # the common case, once per chunk read: only counted
+            self.count += len(chunk)
+            return chunk if chunk else []
         if self.transform is not None:
             chunk = self.transform(chunk)
         if self.limit is not None:
@@ -254,6 +262,23 @@ class ByteCounter:
             self.kept += chunk[: BODY_LIMIT - len(self.kept)]
         # An empty chunk on a chunked HTTP/1 connection would read as the end of the body.
         return chunk if chunk else []
+
+
+def length_unknown(flow: http.HTTPFlow, response: bool) -> bool:
+    """Whether a body's length is known only at its end (chunked, read to close, HTTP/2 without
+    Content-Length). mitmproxy buffers such a body and, past `stream_large_bodies`, switches to streaming
+    without a hook to say so, and nothing would count the bytes; jail streams it through a counter
+    from its first byte instead."""
+    if response:
+        assert flow.response is not None
+        try:
+            return expected_http_body_size(flow.request, flow.response) in (None, -1)
+        except ValueError:  # a malformed length is mitmproxy's to refuse
+            return False
+    headers = flow.request.headers
+    if "content-length" in headers:
+        return False
+    return flow.request.is_http2 or flow.request.is_http3 or "transfer-encoding" in headers
 
 
 def kept_body(message: http.Message, counter: ByteCounter | None) -> tuple[bytes | None, bool]:
@@ -420,6 +445,8 @@ class PolicyAddon:
         self.streams: dict[str, Stream] = {}
         # Streams started and not recorded yet: recorded at shutdown if their end was not seen by then.
         self.unrecorded: set[Stream] = set()
+        # Per client, the open tunnel whose content is not known yet: the timer that ends its wait.
+        self.silent_tunnels: dict[str, asyncio.Task[None]] = {}
 
     def set_listen_addresses(self, addresses: list[tuple[str, int]]) -> None:
         self.own_addresses = {(host, port) for host, port, *_ in addresses}
@@ -454,7 +481,13 @@ class PolicyAddon:
         judged.started = started
         if judged.failure is not None:
             flow.request.stream = False  # answered already (the name does not resolve)
-        elif judged.decision.max_tx_bytes is not None or flow.request.stream:
+        elif (
+            judged.decision.max_tx_bytes is not None
+            or flow.request.stream
+            # A body of unknown length is buffered when secrets are on: it is checked for placeholders
+            # before it is sent (one past stream_large_bodies is streamed unchecked and uncounted).
+            or (not self.vault and length_unknown(flow, response=False))
+        ):
             judged.upload = ByteCounter(judged.decision.max_tx_bytes, keep=self.audit.keeps >= Keep.BODIES)
             flow.request.stream = judged.upload
 
@@ -631,6 +664,28 @@ class PolicyAddon:
             flow.response = deny_response(stream.request, stream.decision)
         self._record_stream(stream, flow.error.msg if flow.error else "")
 
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        """The tunnel is open and mitmproxy picks what it carries (TLS, HTTP, else TCP) from the client's
+        first bytes, but a client whose server speaks first (MySQL, SMTP, a banner) sends none: after
+        SNIFF_SECONDS of silence, as on the redirected path, the tunnel becomes a TCP stream."""
+        client = flow.client_conn
+        self.silent_tunnels[client.id] = asyncio.create_task(self._end_silence(client))
+
+    async def _end_silence(self, client: connection.Client) -> None:
+        """After the wait, an empty read: mitmproxy asks `next_layer` with no client bytes."""
+        await asyncio.sleep(SNIFF_SECONDS)
+        if (handler := ctx.master.addons.get("proxyserver").connections.get(client.id)) is not None:
+            await handler.server_event(events.DataReceived(client, b""))
+
+    def next_layer(self, data: layer.NextLayer) -> None:
+        """A silent tunnel's first layer: a TCP stream (judged in `tcp_start`) when the wait ended it,
+        else what mitmproxy's own next_layer addon (before this one) chose from the client's bytes."""
+        if (silence := self.silent_tunnels.pop(data.context.client.id, None)) is None:
+            return
+        silence.cancel()
+        if not data.data_client():
+            data.layer = layers.TCPLayer(data.context)
+
     async def tcp_start(self, flow: tcp.TCPFlow) -> None:
         """A CONNECT tunnel that carries neither TLS nor HTTP: the stream is judged once (unless it was at
         CONNECT time); if allowed, it is dialled to the address the guard checked, which is the only
@@ -690,8 +745,8 @@ class PolicyAddon:
     def _record_stream(self, stream: Stream, error: str) -> None:
         """The stream's one audit record: how it ended, bytes each way, how long it lasted."""
         self.unrecorded.discard(stream)
-        if not stream.decision.allow:
-            end, status = STREAM_END_DENIED, 403
+        if not stream.decision.allow:  # nothing was dialled (server_connect's refusal is no error)
+            end, status, error = STREAM_END_DENIED, 403, ""
         elif stream.failure is not None:
             end, status, error = STREAM_END_REFUSED, 502, stream.failure.cause
         elif error:
@@ -764,7 +819,7 @@ class PolicyAddon:
                 if (masked := [masker.mask(v.encode()).decode() for v in values]) != values:
                     headers.set_all(name, masked)
             reframe_for_rewritten_body(flow)
-        if flow.response.stream is True or masker is not None:
+        if flow.response.stream is True or masker is not None or length_unknown(flow, response=True):
             judged.download = ByteCounter(transform=masker, keep=self.audit.keeps >= Keep.BODIES)
             flow.response.stream = judged.download
 
@@ -813,6 +868,8 @@ class PolicyAddon:
         self.tunnel_clients.pop(client.id, None)
         self.tls_failures.pop(client.id, None)
         self.streams.pop(client.id, None)
+        if (silence := self.silent_tunnels.pop(client.id, None)) is not None:
+            silence.cancel()
 
     def _record(self, flow: http.HTTPFlow) -> None:
         judged: Judged | None = flow.metadata.get(METADATA_KEY)
