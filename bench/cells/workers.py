@@ -47,6 +47,13 @@ def cpu_seconds(processes: list[Any]) -> float:
     return total
 
 
+def idle_seconds() -> float:
+    """The machine's idle CPU time, all cores."""
+    import psutil
+
+    return psutil.cpu_times().idle
+
+
 def children_cpu_seconds() -> float:
     """CPU of this process's waited-for children: hey's, once each run has ended."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -58,6 +65,8 @@ class WorkersRun:
     hey: HeyRun
     hey_cores: float
     jail_cores: float
+    # What no process used meanwhile: near 0, the machine was the limit (not jail's processes).
+    idle_cores: float
     load_average: float
 
 
@@ -107,7 +116,8 @@ class WorkersCell(Cell):
             if not bench.within_budget():
                 break
             processes = jail_processes(target.pid)
-            jail_before, hey_before, started = cpu_seconds(processes), children_cpu_seconds(), time.monotonic()
+            jail_before, hey_before, idle_before = cpu_seconds(processes), children_cpu_seconds(), idle_seconds()
+            started = time.monotonic()
             run = run_hey(
                 bench.tools["hey"], bench.upstream().url("https", "/"), self.duration(bench), CONCURRENCY, target.port
             )
@@ -116,6 +126,7 @@ class WorkersCell(Cell):
                 run,
                 hey_cores=(children_cpu_seconds() - hey_before) / wall,
                 jail_cores=(cpu_seconds(processes) - jail_before) / wall,
+                idle_cores=(idle_seconds() - idle_before) / wall,
                 load_average=os.getloadavg()[0],
             )
             target.runs.append(measured)
@@ -123,6 +134,7 @@ class WorkersCell(Cell):
             log(
                 f"round {round_index + 1}: --workers {target.workers} https c={CONCURRENCY} {shown}, "
                 f"hey {measured.hey_cores:.2f} cores, jail {measured.jail_cores:.2f} cores, "
+                f"idle {measured.idle_cores:.2f} cores, "
                 f"load {measured.load_average:.2f}" + (f", {run.bad} not 200" if run.bad else "")
             )
 
@@ -134,6 +146,7 @@ class WorkersCell(Cell):
                 "median_p99_ms": median([run.hey.p99_s * 1000 if run.hey.p99_s else None for run in target.runs]),
                 "median_hey_cores": median([run.hey_cores for run in target.runs]),
                 "median_jail_cores": median([run.jail_cores for run in target.runs]),
+                "median_idle_cores": median([run.idle_cores for run in target.runs]),
                 "rounds_rps": [run.hey.rps for run in target.runs],
                 "load_averages": [run.load_average for run in target.runs],
                 "not_200_total": sum(run.hey.bad for run in target.runs),
@@ -167,15 +180,16 @@ class WorkersCell(Cell):
             f"intercepted HTTPS to nginx, {results['duration_s']:g} s per run, 1 and 2 workers alternated, medians; "
             f"hey runs on the same {results['cores']} cores: its CPU is shown)",
             "",
-            "| workers | median req/s | p99 ms | hey cores | jail cores | per round req/s | load average |",
-            "|--:|--:|--:|--:|--:|---|---|",
+            "| workers | median req/s | p99 ms | hey cores | jail cores | idle cores | per round req/s | load average |",
+            "|--:|--:|--:|--:|--:|--:|---|---|",
         ]
         for row in results["rows"]:
             rounds = " ".join(f"{v:.0f}" for v in row["rounds_rps"] if v is not None)
             loads = " ".join(f"{v:.2f}" for v in row["load_averages"])
             out.append(
                 f"| {row['workers']} | {fmt(row['median_rps'], '.0f')} | {fmt(row['median_p99_ms'], '.1f')} | "
-                f"{fmt(row['median_hey_cores'], '.2f')} | {fmt(row['median_jail_cores'], '.2f')} | {rounds} | {loads} |"
+                f"{fmt(row['median_hey_cores'], '.2f')} | {fmt(row['median_jail_cores'], '.2f')} | "
+                f"{fmt(row['median_idle_cores'], '.2f')} | {rounds} | {loads} |"
             )
         out.append(f"\n2 workers / 1 worker: {fmt(results['speedup_2_vs_1'], '.2f')}x")
         return [*out, ""]
