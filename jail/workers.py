@@ -4,12 +4,15 @@ One process runs Python on one core (the GIL), so a gateway for many clients run
 proxy. The parent binds one listening socket per worker on the same port (SO_REUSEPORT) and each worker
 inherits its own: the kernel spreads new connections over them by a hash of the addresses. One socket
 shared by all balanced badly (measured): asyncio accepts up to a hundred waiting connections at each
-wake-up, so whichever worker woke first took a whole burst of clients. The parent makes the CA, the workers read it. Each worker builds its own rule engine, logs and
-proxy in its own event loop, and appends whole lines to the shared logs (one `os.write` on O_APPEND).
+wake-up, so whichever worker woke first took a whole burst of clients. The parent makes the CA, the
+workers read it. Each worker builds its own rule engine, logs and proxy in its own event loop, and
+appends whole lines to the shared logs (one `os.write` on O_APPEND).
 
 A worker is the session's worker command (`python -m jail --serve-as-worker`) given FD, its end of a
-socket pair over which the parent sends the `WorkerSpec` and the worker answers with JSON lines (`ready`, `error`, `verdicts`). The parent
-half-closes the pair to stop it; a worker whose parent is gone sees the same end of file and stops too.
+socket pair over which the parent sends the `WorkerSpec` and the worker answers with JSON lines
+(`ready`, `error`, `verdicts`). The parent half-closes the pair to stop it; a worker whose parent is gone
+sees the same end of file and stops too. Workers run in a session of their own: the terminal's Ctrl-C
+and hang-up reach the parent only, which stops them all.
 """
 
 from __future__ import annotations
@@ -83,11 +86,9 @@ def tell_parent(channel: socket.socket, **message: Any) -> None:
 
 
 def worker_signals(stop: Callable[[], None]) -> None:
-    """Ctrl-C reaches the whole process group: the parent decides, and tells each worker. SIGTERM (a
-    worker stopped by hand) and SIGHUP (the terminal closed) stop this worker cleanly."""
+    """A worker signalled by hand stops cleanly (and the parent starts another)."""
     loop = asyncio.get_running_loop()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop)
 
 
@@ -151,6 +152,7 @@ class Worker:
                 str(worker_end.fileno()),
                 stdin=asyncio.subprocess.DEVNULL,
                 pass_fds=(worker_end.fileno(), self.spec.listen_fd),
+                start_new_session=True,
             )
         except OSError as exc:
             parent_end.close()
@@ -158,8 +160,6 @@ class Worker:
         finally:
             worker_end.close()
         self.reader, self.writer = await asyncio.open_unix_connection(sock=parent_end)
-        import pickle
-
         data = pickle.dumps(self.spec)
         self.writer.write(_LENGTH.pack(len(data)) + data)
         message = await self._next_message()
@@ -215,10 +215,6 @@ class WorkerPool:
         # Set with the line to say when the pool cannot go on (a worker died and cannot be replaced).
         self.failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._watchers: set[asyncio.Task[None]] = set()
-
-    @property
-    def pids(self) -> list[int]:
-        return [worker.pid for worker in self.workers]
 
     async def start(self) -> None:
         """Start every worker and return when all accept connections; JailError if any cannot."""
