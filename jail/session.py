@@ -289,10 +289,10 @@ class Session:
         if listeners.dns is not None:
             from jail.proxy.dns import SyntheticNames, start_resolver
 
-            # A backend that sends every TCP port to jail gets a synthetic address per name (the
-            # proxy side reads the name back from it); one that intercepts 80/443 only, its sinkhole.
-            names = None if listeners.sinkhole else SyntheticNames()
-            transport = await start_resolver(listeners.dns, self.audit.record_dns, names, listeners.sinkhole)
+            # Every TCP port goes to jail: a synthetic address per name (the proxy side reads the name
+            # back from it).
+            names = SyntheticNames()
+            transport = await start_resolver(listeners.dns, self.audit.record_dns, names)
             self.stack.callback(transport.close)
         stop = await start_proxy(
             ca=self.ca,

@@ -135,7 +135,7 @@ def test_sni_allowed_but_host_header_denied_is_misdirected_and_reaches_nothing(r
     assert https.connections == []
 
 
-def test_dns_is_answered_by_the_sinkhole_and_recorded(run_jail, tmp_path):
+def test_dns_is_answered_with_a_synthetic_address_and_recorded(run_jail, tmp_path):
     audit = tmp_path / "audit.jsonl"
     code = """
 import socket, json, struct

@@ -36,11 +36,9 @@ class Listeners:
     regular: socket.socket
     # Connections the firewall redirected to the proxy (isolated backends).
     transparent: socket.socket | None = None
-    # jail's resolver. A backend that redirects only ports 80/443 names the one address it answers for
-    # every name (`sinkhole`); without one, every TCP port is redirected and each name gets an address
-    # of its own, which tells jail the name a connection is for.
+    # jail's resolver (isolated backends, which redirect every TCP port): each name gets an address of
+    # its own, which tells jail the name a connection is for.
     dns: socket.socket | None = None
-    sinkhole: str = ""
 
     def sockets(self) -> list[socket.socket]:
         return [s for s in (self.regular, self.transparent, self.dns) if s is not None]

@@ -1,11 +1,10 @@
 """jail's own resolver for isolated jails: no query ever leaves the machine, so a name cannot carry
 data out; each query is recorded.
 
-Where the backend sends every TCP port to jail (strong and rootless modes), each name gets a synthetic
-address of its own (`SyntheticNames`, 198.18.0.0/15, kept for the run): a connection to that address,
-on any port, tells jail which name the child meant, and jail judges it by that name. A backend that
-intercepts only ports 80/443 (Docker) gives one sinkhole address for every name; the transparent proxy
-then judges by the Host header or TLS SNI. Either way the real address is looked up only after an allow.
+Every isolated backend (strong, rootless, Docker) sends every TCP port to jail, and each name gets a
+synthetic address of its own (`SyntheticNames`, 198.18.0.0/15, kept for the run): a connection to that
+address, on any port, tells jail which name the child meant, and jail judges it by that name. The real
+address is looked up only after an allow.
 
 AAAA queries get an empty answer (the name exists, with no IPv6 address): the isolated modes have no
 IPv6 route at all, and a client then uses the IPv4 address at once instead of trying IPv6 first.
@@ -23,11 +22,10 @@ from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 logger = logging.getLogger("jail.dns")
 
-SINKHOLE_TTL = 5
 # A synthetic address stays the name's for the whole run: it may be cached as long as a run lasts.
 SYNTHETIC_TTL = 300
 # The benchmarking range (RFC 2544): no one routes it, so it never names a real server. Its first two
-# addresses are left out: .0 is the network's, .1 was the sinkhole every name got before.
+# addresses are left out: .0 is the network's, .1 stays unused (it was once jail's one answer for all).
 SYNTHETIC_NETWORK = ipaddress.ip_network("198.18.0.0/15")
 FIRST_SYNTHETIC = 2
 
@@ -110,13 +108,10 @@ class JailResolver(asyncio.DatagramProtocol):
 
 
 async def start_resolver(
-    sock: socket.socket, observe: QueryObserver, names: SyntheticNames | None = None, sinkhole: str = ""
+    sock: socket.socket, observe: QueryObserver, names: SyntheticNames
 ) -> asyncio.DatagramTransport:
-    """Answer the queries that reach the bound UDP socket `sock`: from `names`, or `sinkhole` for every name."""
-    if names is not None:
-        answer, ttl = names.address_for, SYNTHETIC_TTL
-    else:
-        answer, ttl = (lambda _name: sinkhole), SINKHOLE_TTL
+    """Answer the queries that reach the bound UDP socket `sock` with `names`' addresses."""
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(lambda: JailResolver(answer, ttl, observe), sock=sock)
+    resolver = JailResolver(names.address_for, SYNTHETIC_TTL, observe)
+    transport, _ = await loop.create_datagram_endpoint(lambda: resolver, sock=sock)
     return transport
