@@ -21,12 +21,14 @@ from mitmproxy.proxy import layer
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers.http import (
     HttpStream,
+    RequestHeaders,
     ResponseData,
     ResponseEndOfMessage,
     ResponseHeaders,
     ResponseProtocolError,
     SendHttp,
 )
+from mitmproxy.proxy.layers.http._http1 import Http1Client
 from mitmproxy.proxy.mode_servers import ServerInstance
 
 from jail.model import JailError
@@ -107,6 +109,28 @@ def send_error_hook_responses() -> None:
     HttpStream.handle_protocol_error = handle_protocol_error  # type: ignore[method-assign]
 
 
+def frame_converted_request_bodies() -> None:
+    """An HTTP/2 (or 3) request sent on to an HTTP/1 upstream keeps its headers: when its body came in DATA
+    frames without a Content-Length, mitmproxy sent it with neither Content-Length nor chunked framing,
+    and the upstream read the body as the next request on the connection, one no rule had judged (any
+    method, any path on the allowed host). Such a body now goes chunked; mitmproxy chunks what the
+    header says (11.0 and 12.x alike)."""
+    if getattr(Http1Client.send, "jail_frames_bodies", False):
+        return
+    original = Http1Client.send
+
+    def send(self: Http1Client, event: object) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestHeaders) and not event.end_stream:
+            request = event.request
+            headers = request.headers
+            if (request.is_http2 or request.is_http3) and "content-length" not in headers:
+                headers["transfer-encoding"] = "chunked"
+        return (yield from original(self, event))
+
+    send.jail_frames_bodies = True  # type: ignore[attr-defined]
+    Http1Client.send = send  # type: ignore[method-assign]
+
+
 class StartupErrors(logging.Handler):
     """Keeps mitmproxy's errors while it starts, to explain a failure in one line."""
 
@@ -158,6 +182,7 @@ class EmbeddedProxy:
         """Serve the given sockets. Raises JailError when mitmproxy cannot start."""
         skip_debug_type_checks()
         send_error_hook_responses()
+        frame_converted_request_bodies()
         read_in_bulk()
         # No mode of mitmproxy's own: it would bind listeners; jail serves the sockets it was given.
         opts = options.Options(confdir=str(self.settings.ca_dir), mode=[])
