@@ -147,6 +147,11 @@ class WorkersCell(Cell):
                 "median_hey_cores": median([run.hey_cores for run in target.runs]),
                 "median_jail_cores": median([run.jail_cores for run in target.runs]),
                 "median_idle_cores": median([run.idle_cores for run in target.runs]),
+                # What jail's processes serve per core they got: flat from 1 to 2 workers means the workers
+                # scale with the CPU they are given, whatever else the machine runs.
+                "median_rps_per_jail_core": median(
+                    [run.hey.rps / run.jail_cores if run.hey.rps and run.jail_cores else None for run in target.runs]
+                ),
                 "rounds_rps": [run.hey.rps for run in target.runs],
                 "load_averages": [run.load_average for run in target.runs],
                 "not_200_total": sum(run.hey.bad for run in target.runs),
@@ -154,12 +159,14 @@ class WorkersCell(Cell):
             for target in self.targets_
         ]
         by_count = {row["workers"]: row["median_rps"] for row in rows}
+        per_core = {row["workers"]: row["median_rps_per_jail_core"] for row in rows}
         return {
             "concurrency": CONCURRENCY,
             "duration_s": self.duration(bench),
             "cores": os.cpu_count(),
             "rows": rows,
             "speedup_2_vs_1": ratio(by_count.get(2), by_count.get(1)),
+            "per_core_2_vs_1": ratio(per_core.get(2), per_core.get(1)),
         }
 
     def targets(self, results: dict[str, Any]) -> list[Verdict]:
@@ -180,8 +187,9 @@ class WorkersCell(Cell):
             f"intercepted HTTPS to nginx, {results['duration_s']:g} s per run, 1 and 2 workers alternated, medians; "
             f"hey runs on the same {results['cores']} cores: its CPU is shown)",
             "",
-            "| workers | median req/s | p99 ms | hey cores | jail cores | idle cores | per round req/s | load average |",
-            "|--:|--:|--:|--:|--:|--:|---|---|",
+            "| workers | median req/s | p99 ms | hey cores | jail cores | idle cores | req/s per jail core "
+            "| per round req/s | load average |",
+            "|--:|--:|--:|--:|--:|--:|--:|---|---|",
         ]
         for row in results["rows"]:
             rounds = " ".join(f"{v:.0f}" for v in row["rounds_rps"] if v is not None)
@@ -189,7 +197,11 @@ class WorkersCell(Cell):
             out.append(
                 f"| {row['workers']} | {fmt(row['median_rps'], '.0f')} | {fmt(row['median_p99_ms'], '.1f')} | "
                 f"{fmt(row['median_hey_cores'], '.2f')} | {fmt(row['median_jail_cores'], '.2f')} | "
-                f"{fmt(row['median_idle_cores'], '.2f')} | {rounds} | {loads} |"
+                f"{fmt(row['median_idle_cores'], '.2f')} | {fmt(row['median_rps_per_jail_core'], '.0f')} | "
+                f"{rounds} | {loads} |"
             )
-        out.append(f"\n2 workers / 1 worker: {fmt(results['speedup_2_vs_1'], '.2f')}x")
+        out.append(
+            f"\n2 workers / 1 worker: {fmt(results['speedup_2_vs_1'], '.2f')}x in req/s, "
+            f"{fmt(results['per_core_2_vs_1'], '.2f')}x in req/s per core jail's processes got."
+        )
         return [*out, ""]
