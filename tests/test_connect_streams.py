@@ -9,8 +9,10 @@ that speak first, and TLS or HTTP inside a tunnel staying judged per request).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from jail.proxy.streams import SNIFF_SECONDS
-from tests.conftest import UPSTREAM_HOST, wait_for
+from tests.conftest import TEST_NAME, UPSTREAM_HOST, wait_for
 from tests.test_tcp_streams import BANNER, BannerServer
 
 # The silence jail waits for, the proxy's own round trip and a loaded 2-core machine's scheduling.
@@ -142,3 +144,19 @@ def test_curl_telnet_in_weak_mode_through_all_proxy(weak_jail, banner_only_serve
         assert (record["decision"], record["end"], record["bytes_down"]) == ("deny", "denied", 0)
         assert len(banner_only_server.connections) == before, "the server saw a connection"
     assert took < 5, f"jail and curl took {took:.1f} s"  # not curl's --max-time: the stream ended
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the named origins listen on ports 80/443 and edit /etc/hosts")
+def test_a_slow_tls_client_on_a_web_port_is_still_judged_as_https(jail_server, named_upstreams, ca_dir):
+    """Clients speak first on 443: a ClientHello that comes late (a loaded machine) is not a TCP stream."""
+    server = jail_server("--js", f"r.scheme === 'https' && r.host === '{TEST_NAME}'")
+    sock = open_tunnel(server.port, f"{TEST_NAME}:443")
+    time.sleep(SNIFF_SECONDS + 0.7)  # well past the silence that ends a tunnel on other ports
+    context = ssl.create_default_context(cafile=str(ca_dir / "trust" / "ca-bundle.pem"))
+    with context.wrap_socket(sock, server_hostname=TEST_NAME) as tls:
+        tls.sendall(f"GET /late HTTP/1.1\r\nHost: {TEST_NAME}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert [r["path"] for r in named_upstreams[1].requests] == ["/late"]

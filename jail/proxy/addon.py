@@ -55,7 +55,7 @@ from jail.model import DEFAULT_PORTS, Decision, Request, format_authority, norma
 from jail.proxy.clients import ClientAuthError, ClientTokens
 from jail.proxy.guard import AddressGuard
 from jail.proxy.secrets import Secret, Vault
-from jail.proxy.streams import SNIFF_SECONDS
+from jail.proxy.streams import sniff_seconds
 from jail.proxy.upstream import ProxyServer, UpstreamProxies
 
 logger = logging.getLogger("jail.proxy")
@@ -667,13 +667,13 @@ class PolicyAddon:
     def http_connected(self, flow: http.HTTPFlow) -> None:
         """The tunnel is open and mitmproxy picks what it carries (TLS, HTTP, else TCP) from the client's
         first bytes, but a client whose server speaks first (MySQL, SMTP, a banner) sends none: after
-        SNIFF_SECONDS of silence, as on the redirected path, the tunnel becomes a TCP stream."""
+        silence (`sniff_seconds`, as on the redirected path), the tunnel becomes a TCP stream."""
         client = flow.client_conn
-        self.silent_tunnels[client.id] = asyncio.create_task(self._end_silence(client))
+        self.silent_tunnels[client.id] = asyncio.create_task(self._end_silence(client, flow.request.port))
 
-    async def _end_silence(self, client: connection.Client) -> None:
+    async def _end_silence(self, client: connection.Client, port: int) -> None:
         """After the wait, an empty read: mitmproxy asks `next_layer` with no client bytes."""
-        await asyncio.sleep(SNIFF_SECONDS)
+        await asyncio.sleep(sniff_seconds(port))
         if (handler := ctx.master.addons.get("proxyserver").connections.get(client.id)) is not None:
             await handler.server_event(events.DataReceived(client, b""))
 

@@ -43,6 +43,11 @@ from jail.proxy.guard import AddressGuard
 logger = logging.getLogger("jail.streams")
 
 SNIFF_SECONDS = 0.3
+# On the web's ports clients always speak first, and a loaded machine may take a while to send its
+# ClientHello: there silence is waited out longer before a connection counts as a server-first stream
+# (which a rule for https would deny).
+WEB_PORTS = frozenset({80, 443, 8080, 8443})
+WEB_SNIFF_SECONDS = 5.0
 SNIFF_BYTES = 64
 # While the first bytes are still a possible start of an HTTP request line, look again this often.
 SNIFF_RETRY_SECONDS = 0.01
@@ -78,6 +83,11 @@ def for_the_proxy(data: bytes) -> bool | None:
         return False
     target = so_far.group(1)
     return None if target is None or any(form.startswith(target) for form in ABSOLUTE_TARGETS) else False
+
+
+def sniff_seconds(port: int) -> float:
+    """How long a silent client may take before its connection is a server-first stream."""
+    return WEB_SNIFF_SECONDS if port in WEB_PORTS else SNIFF_SECONDS
 
 
 def original_destination(conn: socket.socket) -> tuple[str, int]:
@@ -278,7 +288,7 @@ class RedirectedConnections:
         started = time.time()
         try:
             destination = original_destination(conn)
-            said = await first_bytes(conn, SNIFF_SECONDS)
+            said = await first_bytes(conn, sniff_seconds(destination[1]))
             if for_the_proxy(said):
                 reader, writer = await asyncio.open_connection(sock=conn)
                 await self.proxy(reader, writer)
