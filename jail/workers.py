@@ -106,6 +106,12 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sockets: list[socket.socket] = []
     try:
+        # First as one plain listener would take it: a port another program listens on (another jail's
+        # SO_REUSEPORT sockets too, which these would silently join) is refused as without workers.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+            port = probe.getsockname()[1]
         for _ in range(count):
             sock = socket.socket(family, socket.SOCK_STREAM)
             sockets.append(sock)

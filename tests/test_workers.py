@@ -239,3 +239,14 @@ def test_fail_on_deny_counts_every_worker_s_denials(jail_env, test_ca_file, http
     process.terminate()
     assert process.wait(20) == 1
     assert "jail: 6 requests were denied or would have been (--fail-on-deny)" in process.stderr.read()
+
+
+def test_a_port_another_jail_with_workers_listens_on_is_refused(jail_env, test_ca_file, run_jail):
+    process, port = start_server(jail_env, test_ca_file, "--workers", "2", "--js", "true")
+    second = run_jail("--server", "--listen", f"127.0.0.1:{port}", "--workers", "2", "--js", "true", timeout=30)
+    process.terminate()
+    process.wait(20)
+    assert second.returncode == 125
+    assert second.stderr.strip().splitlines() == [
+        f"jail: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
