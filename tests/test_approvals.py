@@ -73,10 +73,12 @@ class Run:
 
 
 @pytest.fixture
-def start_jail(jail_env, test_ca_file):
+def start_jail(jail_env, test_ca_file, tmp_path):
     runs: list[Run] = []
 
     def start(*args: str, **kwargs) -> Run:
+        # In a folder of the test's: --ask makes ./jail-approved.toml there, and a killed jail leaves it.
+        kwargs.setdefault("cwd", tmp_path)
         base = ["--upstream-ca", str(test_ca_file), "--allow-private", f"{UPSTREAM_HOST}/32"]
         run = Run([*base, *args], kwargs.pop("env", jail_env), **kwargs)
         runs.append(run)

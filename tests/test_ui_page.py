@@ -156,6 +156,7 @@ class Jail:
         self.process = subprocess.Popen(
             jail_argv(*base, *args),
             env=env,
+            cwd=tmp_path,  # --ask makes ./jail-approved.toml, which a killed jail leaves behind
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
