@@ -325,6 +325,9 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--protect", multiple=True, metavar="PATH", help="Read-only even inside a writable folder.")
 @click.option("--allow-unix-socket", multiple=True, metavar="PATH", help="Allow Unix sockets (see README).")
 @click.option(
+    "--ssh-agent", is_flag=True, help="The command may use (not read) the keys of your SSH agent, relayed by jail."
+)
+@click.option(
     "--keep-caches",
     is_flag=True,
     help="Package caches (~/.npm, ~/.cache, ...) written through, not copy-on-write: what the command puts there stays.",
@@ -407,6 +410,7 @@ def main(
     deny_read: tuple[str, ...],
     protect: tuple[str, ...],
     allow_unix_socket: tuple[str, ...],
+    ssh_agent: bool,
     no_fs_restrictions: bool,
     keep_caches: bool,
     profile_name: str | None,
@@ -492,6 +496,7 @@ def main(
         ask=ask,
         ui=ui,
         ui_file=ui_file,
+        ssh_agent=ssh_agent,
         profile=profile,
         profile_named=profile_name is not None,
         secrets=parse_secrets(secret_specs, secret_files),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from jail.agent import AgentChannel, agent_path, user_agent
 from jail.approvals import AskSettings
 from jail.audit import AuditSink, RecordSink
 from jail.model import JailError, ProxyEndpoint, Request
@@ -110,6 +111,8 @@ class JailConfig:
     # --ui: the live page of the run (jail/approvals/page.py); its address goes to ui_file, else the terminal.
     ui: bool = False
     ui_file: Path | None = None
+    # --ssh-agent: the command uses the user's SSH agent through jail (jail/agent).
+    ssh_agent: bool = False
 
     def host_grant(self) -> HostGrant | None:
         profile = self.profile
@@ -419,7 +422,12 @@ class Session:
         # The child holds placeholders only; the real values stay in jail.
         env.update({secret.name: secret.placeholder for secret in self.config.secrets})
         self._make_agent_state(backend)
-        child = Child(confine_command(self.config.filesystem, backend, self.config.command), env, self.jail_id)
+        policy, channel = self.config.filesystem, self._ssh_agent_channel(backend)
+        if channel is not None:
+            policy = policy._replace(agent_channel=channel.launcher_end)
+            env["SSH_AUTH_SOCK"] = agent_path(self.jail_id)
+        pass_fds = (channel.launcher_end,) if channel is not None else ()
+        child = Child(confine_command(policy, backend, self.config.command), env, self.jail_id, pass_fds)
         if self.signals.stopping.is_set():
             return 128 + self.signals.received[0]
         try:
@@ -428,10 +436,28 @@ class Session:
             print(f"jail: {exc}", file=sys.stderr)
             return exc.status
         self.stack.push_async_callback(child.kill_tree)
+        if channel is not None:
+            channel.spawned()
+            answering = asyncio.create_task(channel.serve(self.jail_id, user_agent(), self.audit.record_event))
+            self.stack.push_async_callback(_cancelled, answering)
         # The child runs while the proxy loads: its first requests wait in the sockets' backlog.
         serving = asyncio.create_task(self._serve(listeners, backend.isolated))
         self.stack.push_async_callback(_cancelled, serving)
         return await self._supervise(child, serving)
+
+    def _ssh_agent_channel(self, backend) -> AgentChannel | None:
+        """--ssh-agent: the channel the launcher sends its seccomp listener on (None without the flag)."""
+        if not self.config.ssh_agent:
+            return None
+        user_agent()
+        policy = self.config.filesystem
+        if policy is None or not policy.enabled or backend.name not in ("weak", "strong", "rootless"):
+            raise JailError("--ssh-agent needs the filesystem restrictions (weak, strong or rootless mode)")
+        if policy.allow_unix_sockets:
+            raise JailError("--ssh-agent cannot be combined with --allow-unix-socket")
+        channel = AgentChannel()
+        self.stack.push_async_callback(channel.close)
+        return channel
 
     def _make_agent_state(self, backend) -> None:
         """The profile's missing folders and home files, made as the user the command runs as."""

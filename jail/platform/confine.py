@@ -125,6 +125,7 @@ POLICY_FIELDS = (
     "caches",
     "keep_caches",
     "cache_layer",
+    "agent_channel",
 )
 # The launcher's arguments for the list fields, in POLICY_FIELDS order.
 LIST_FLAGS = {
@@ -138,7 +139,7 @@ LIST_FLAGS = {
 
 
 class FsPolicy(
-    namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), (), (), True, None, (), (), False, None))
+    namedtuple("FsPolicy", POLICY_FIELDS, defaults=((), False, (), (), (), True, None, (), (), False, None, None))
 ):
     """What the jailed command may read and write. Paths are absolute; `tmp_dir` is filled in per run.
 
@@ -162,6 +163,9 @@ class FsPolicy(
     keep_caches: bool
     # The run's private folder for the caches' upper layers (filled in per run; see caches.py).
     cache_layer: str | None
+    # --ssh-agent: the inherited socket on which the launcher sends jail the seccomp listener that lets
+    # jail answer the command's Unix stream sockets with its agent relay (filled in per run).
+    agent_channel: int | None
 
     def to_args(self) -> list[str]:
         """The launcher's arguments for this policy (paths may hold any character but NUL)."""
@@ -174,6 +178,7 @@ class FsPolicy(
         args += [] if self.enabled else ["--disabled"]
         args += ["--tmp", self.tmp_dir] if self.tmp_dir else []
         args += ["--cache-layer", self.cache_layer] if self.cache_layer else []
+        args += ["--agent-channel", str(self.agent_channel)] if self.agent_channel is not None else []
         return args
 
     @classmethod
@@ -181,7 +186,7 @@ class FsPolicy(
         """The policy, and what follows its `--` (the command)."""
         lists: dict[str, list[str]] = {name: [] for name in LIST_FLAGS.values()}
         switches: set[str] = set()
-        tmp_dir = cache_layer = None
+        tmp_dir = cache_layer = agent_channel = None
         index = 0
         while index < len(args) and args[index] != "--":
             flag = args[index]
@@ -193,6 +198,9 @@ class FsPolicy(
                 index += 2
             elif flag == "--cache-layer" and index + 1 < len(args):
                 cache_layer = args[index + 1]
+                index += 2
+            elif flag == "--agent-channel" and index + 1 < len(args) and args[index + 1].isdigit():
+                agent_channel = int(args[index + 1])
                 index += 2
             elif flag in ("--read-only", "--disabled", "--keep-caches"):
                 switches.add(flag)
@@ -211,6 +219,7 @@ class FsPolicy(
             caches=tuple(lists["caches"]),
             keep_caches="--keep-caches" in switches,
             cache_layer=cache_layer,
+            agent_channel=agent_channel,
         )
         return policy, args[index + 1 :]
 
@@ -563,12 +572,20 @@ def apply_landlock(rules: list[tuple[str, int]], abi: int, scope_abstract: bool)
 
 
 # seccomp: socket(AF_UNIX, ...) -> EACCES, io_uring_setup -> ENOSYS, other architectures' calls -> killed.
-AUDIT_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}  # (arch, socket's number)
+# (arch, socket's number, connect's, seccomp's)
+AUDIT_ARCH = {"x86_64": (0xC000003E, 41, 42, 317), "aarch64": (0xC00000B7, 198, 203, 277)}
 NR_IO_URING_SETUP = 425
 SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_USER_NOTIF = 0x7FC00000
 SECCOMP_RET_ERRNO = 0x00050000
 SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
 X32_SYSCALL_BIT = 0x40000000
+AF_UNIX = 1
+SOCK_STREAM = 1
+# connect()'s address lengths that are never a Unix socket's: sockaddr_in and sockaddr_in6.
+IP_ADDRESS_LENGTHS = (16, 28)
 
 
 class _SockFilter(ctypes.Structure):
@@ -583,7 +600,7 @@ def unix_socket_filter(machine: str) -> list[tuple[int, int, int, int]]:
     """The BPF program (code, jt, jf, k) that refuses socket(AF_UNIX, ...) and io_uring_setup."""
     if machine not in AUDIT_ARCH:
         raise ConfineError(f"no seccomp filter for {machine}; add --allow-unix-socket or --no-fs-restrictions")
-    arch, nr_socket = AUDIT_ARCH[machine]
+    arch, nr_socket, _, _ = AUDIT_ARCH[machine]
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
     import errno
 
@@ -603,11 +620,71 @@ def unix_socket_filter(machine: str) -> list[tuple[int, int, int, int]]:
     ]
 
 
-def apply_seccomp(program: list[tuple[int, int, int, int]]) -> None:
+def agent_socket_filter(machine: str) -> list[tuple[int, int, int, int]]:
+    """unix_socket_filter for --ssh-agent: socket(AF_UNIX, SOCK_STREAM) and connect() with an address
+    length that is not an IP one go to jail's supervisor (SECCOMP_RET_USER_NOTIF), which hands out sockets
+    already connected to its agent relay; any other AF_UNIX socket type is still refused.
+
+    One filter, not a second one stacked on unix_socket_filter: the kernel applies the strictest answer
+    of all filters, and EACCES would win over USER_NOTIF.
+    """
+    if machine not in AUDIT_ARCH:
+        raise ConfineError(f"no seccomp filter for {machine}; --ssh-agent is not available on it")
+    arch, nr_socket, nr_connect, _ = AUDIT_ARCH[machine]
+    ld, jeq, jge, and_, ret = 0x20, 0x15, 0x35, 0x54, 0x06
+    import errno
+
+    return [
+        (ld, 0, 0, 4),  # 0: seccomp_data.arch
+        (jeq, 1, 0, arch),
+        (ret, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        (ld, 0, 0, 0),  # 3: seccomp_data.nr
+        (jge, 13, 0, X32_SYSCALL_BIT),  # x32 calls: refused
+        (jeq, 13, 0, NR_IO_URING_SETUP),
+        (jeq, 1, 0, nr_socket),
+        (jeq, 5, 8, nr_connect),
+        (ld, 0, 0, 16),  # 8: socket's domain
+        (jeq, 0, 6, AF_UNIX),
+        (ld, 0, 0, 24),  # 10: socket's type, without SOCK_CLOEXEC and SOCK_NONBLOCK
+        (and_, 0, 0, 0xF),
+        (jeq, 4, 5, SOCK_STREAM),
+        (ld, 0, 0, 32),  # 13: connect's addrlen
+        (jeq, 1, 0, IP_ADDRESS_LENGTHS[0]),
+        (jeq, 0, 1, IP_ADDRESS_LENGTHS[1]),
+        (ret, 0, 0, SECCOMP_RET_ALLOW),  # 16
+        (ret, 0, 0, SECCOMP_RET_USER_NOTIF),
+        (ret, 0, 0, SECCOMP_RET_ERRNO | errno.EACCES),
+        (ret, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
+    ]
+
+
+def _fprog(program: list[tuple[int, int, int, int]]) -> _SockFprog:
     filters = (_SockFilter * len(program))(*[_SockFilter(*insn) for insn in program])
-    fprog = _SockFprog(len(program), filters)
+    return _SockFprog(len(program), filters)  # ctypes keeps FILTERS alive with it
+
+
+def apply_seccomp(program: list[tuple[int, int, int, int]]) -> None:
+    fprog = _fprog(program)
     if libc().prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
         raise _fail("seccomp")
+
+
+def apply_agent_seccomp(channel: int) -> None:
+    """Install agent_socket_filter and send its listener to jail over CHANNEL (SCM_RIGHTS); both fds are
+    closed before the command runs, so it holds neither."""
+    import socket
+
+    machine = os.uname().machine
+    fprog = _fprog(agent_socket_filter(machine))
+    nr_seccomp = AUDIT_ARCH[machine][3]
+    listener = libc().syscall(
+        nr_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, ctypes.byref(fprog)
+    )
+    if listener < 0:
+        raise _fail("seccomp listener")
+    with socket.socket(fileno=channel) as jail:
+        socket.send_fds(jail, [b"L"], [listener])
+    os.close(listener)
 
 
 CLONE_NEWNS = 0x00020000
@@ -681,7 +758,9 @@ def apply(policy: FsPolicy) -> None:
         denied = [os.path.realpath(p) for p in policy.deny_read]
         rules += [rule for cache in caches for rule in plan_around(cache, denied, WRITE)[0]]
     apply_landlock(rules, abi, not any(s.startswith("@") for s in policy.allow_unix_sockets))
-    if not policy.allow_unix_sockets:
+    if policy.agent_channel is not None:
+        apply_agent_seccomp(policy.agent_channel)
+    elif not policy.allow_unix_sockets:
         apply_seccomp(unix_socket_filter(os.uname().machine))
     if policy.tmp_dir:
         for name in ("TMPDIR", "TMP", "TEMP"):

@@ -37,8 +37,9 @@ def exit_status(returncode: int) -> int:
 
 
 class Child:
-    def __init__(self, argv: list[str], env: dict[str, str], jail_id: str) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], jail_id: str, pass_fds: tuple[int, ...] = ()) -> None:
         self.argv = argv
+        self.pass_fds = pass_fds
         self.env = env
         self.jail_id = jail_id
         self.process: asyncio.subprocess.Process | None = None
@@ -47,7 +48,9 @@ class Child:
     async def spawn(self) -> None:
         become_subreaper()
         try:
-            self.process = await asyncio.create_subprocess_exec(*self.argv, env=self.env, process_group=0)
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv, env=self.env, process_group=0, pass_fds=self.pass_fds
+            )
         except FileNotFoundError:
             raise ChildError(f"command not found: {self.argv[0]}", 127) from None
         except PermissionError:
