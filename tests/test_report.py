@@ -114,6 +114,17 @@ def test_malformed_lines_are_skipped_and_named_by_file_and_line(audit_log: Path)
     assert "unknown decision" in log.warnings()[1]
 
 
+def test_events_are_not_requests_and_not_malformed(tmp_path: Path) -> None:
+    events = (
+        '{"time": "2025-01-31T12:00:00.000Z", "jail_id": "ab", "kind": "dns", "name": "x.test", "qtype": "A"}',
+        '{"time": "2025-01-31T12:00:01.000Z", "jail_id": "ab", "kind": "ssh-agent", "request": "sign"}',
+        '{"time": "2025-01-31T12:00:02.000Z", "jail_id": "ab", "kind": "ask_refused", "channel": "cli"}',
+    )
+    log = load_audit_logs([write_log(tmp_path / "a.jsonl", RECORDS[:1], events)])
+    assert len(log.entries) == 1
+    assert log.warnings() == []
+
+
 def test_many_malformed_lines_give_a_bounded_number_of_warnings(tmp_path: Path) -> None:
     log = load_audit_logs([write_log(tmp_path / "a.jsonl", RECORDS[:1], tuple(["{"] * 40))])
     assert len(log.entries) == 1

@@ -164,8 +164,10 @@ def _lines(path: str) -> Iterator[str]:
         raise JailError(f"cannot read audit log {path}: {exc.strerror or exc}") from None
 
 
-# Audit records that are events, not requests: not part of a report.
-EVENT_KINDS = frozenset({"ask_refused"})
+def is_event(record: object) -> bool:
+    """Audit records that are events, not requests (a DNS query, a refused answer, an ssh-agent use) carry
+    a `kind`; they are not part of the request report."""
+    return isinstance(record, dict) and "kind" in record
 
 
 def load_audit_logs(paths: Sequence[str | Path]) -> AuditLog:
@@ -182,7 +184,7 @@ def load_audit_logs(paths: Sequence[str | Path]) -> AuditLog:
             where = f"{name}:{number}"
             try:
                 record = json.loads(line)
-                if isinstance(record, dict) and record.get("kind") in EVENT_KINDS:
+                if is_event(record):
                     continue
                 log.entries.append(entry_from_record(record, where))
             except json.JSONDecodeError:
