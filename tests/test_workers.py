@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -90,28 +91,46 @@ def test_both_workers_serve_and_every_request_is_one_whole_audit_line(jail_serve
     assert len(lines) == 500 and all(REQUEST_LOG_LINE.fullmatch(line) for line in lines)
 
 
-def start_server(jail_env, test_ca_file, *args: str) -> tuple[subprocess.Popen, int]:
-    """A jail --server in a process group of its own (a terminal's Ctrl-C goes to the whole group)."""
-    port = free_port()
-    process = subprocess.Popen(
-        jail_argv(
-            "--server",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--upstream-ca",
-            str(test_ca_file),
-            "--allow-private",
-            f"{UPSTREAM_HOST}/32",
-            *args,
-        ),
-        env=jail_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    assert "listening" in process.stdout.readline(), process.stderr.read()
-    return process, port
+@pytest.fixture
+def start_server(jail_env, test_ca_file):
+    """Start a jail --server in a process group of its own (a terminal's Ctrl-C goes to the whole group);
+    whatever a test leaves running is stopped at the end (killed with its workers if it does not stop)."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        process = subprocess.Popen(
+            jail_argv(
+                "--server",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--upstream-ca",
+                str(test_ca_file),
+                "--allow-private",
+                f"{UPSTREAM_HOST}/32",
+                *args,
+            ),
+            env=jail_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        started.append(process)
+        assert "listening" in process.stdout.readline(), process.stderr.read()
+        return process, port
+
+    yield start
+    for process in started:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(psutil.Error):
+                for worker in psutil.Process(process.pid).children():
+                    worker.kill()
+            process.kill()
+            process.wait()
 
 
 def run_dirs_of(pids: list[int]) -> list[Path]:
@@ -127,8 +146,8 @@ def run_dirs_of(pids: list[int]) -> list[Path]:
 
 
 @pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
-def test_a_signal_stops_every_worker_and_leaves_nothing(jail_env, test_ca_file, how):
-    process, _ = start_server(jail_env, test_ca_file, "--workers", "2", "--js", "true")
+def test_a_signal_stops_every_worker_and_leaves_nothing(start_server, how):
+    process, _ = start_server("--workers", "2", "--js", "true")
     pids = [process.pid, *worker_pids(process.pid)]
     assert len(run_dirs_of(pids)) == 3  # the parent's work dir and each worker's
     if how == "sigterm":
@@ -141,8 +160,8 @@ def test_a_signal_stops_every_worker_and_leaves_nothing(jail_env, test_ca_file, 
     assert "Traceback" not in process.stderr.read()
 
 
-def test_a_worker_that_dies_at_once_stops_the_server_with_one_line(jail_env, test_ca_file):
-    process, _ = start_server(jail_env, test_ca_file, "--workers", "2", "--js", "true")
+def test_a_worker_that_dies_at_once_stops_the_server_with_one_line(start_server):
+    process, _ = start_server("--workers", "2", "--js", "true")
     first, second = worker_pids(process.pid)
     os.kill(first, signal.SIGKILL)
     assert process.wait(20) == 125
@@ -207,9 +226,9 @@ def test_a_rule_that_does_not_compile_is_one_error_from_the_workers(run_jail):
     assert len(lines) == 1 and lines[0].startswith("jail: error: JavaScript rule does not compile"), lines
 
 
-def test_a_worker_that_dies_later_is_replaced_and_the_server_goes_on(jail_env, test_ca_file, https_upstream, tmp_path):
+def test_a_worker_that_dies_later_is_replaced_and_the_server_goes_on(start_server, jail_env, https_upstream, tmp_path):
     audit = tmp_path / "audit.jsonl"
-    process, port = start_server(jail_env, test_ca_file, "--workers", "2", "--js", "true", "--audit-log", str(audit))
+    process, port = start_server("--workers", "2", "--js", "true", "--audit-log", str(audit))
     first, second = worker_pids(process.pid)
     time.sleep(RESTART_MIN_UPTIME_SECONDS + 0.5)
     os.kill(first, signal.SIGKILL)
@@ -227,8 +246,8 @@ def test_a_worker_that_dies_later_is_replaced_and_the_server_goes_on(jail_env, t
     assert f"worker 0 (pid {first}) was killed by signal 9; starting another" in process.stderr.read()
 
 
-def test_fail_on_deny_counts_every_worker_s_denials(jail_env, test_ca_file, https_upstream):
-    process, port = start_server(jail_env, test_ca_file, "--workers", "2", "--js", "false", "--fail-on-deny")
+def test_fail_on_deny_counts_every_worker_s_denials(start_server, jail_env, https_upstream):
+    process, port = start_server("--workers", "2", "--js", "false", "--fail-on-deny")
     proxies = {"https": f"http://127.0.0.1:{port}"}
     bundle = Path(jail_env["JAIL_CA_DIR"]) / "trust" / "ca-bundle.pem"
     for number in range(6):
@@ -241,8 +260,8 @@ def test_fail_on_deny_counts_every_worker_s_denials(jail_env, test_ca_file, http
     assert "jail: 6 requests were denied or would have been (--fail-on-deny)" in process.stderr.read()
 
 
-def test_a_port_another_jail_with_workers_listens_on_is_refused(jail_env, test_ca_file, run_jail):
-    process, port = start_server(jail_env, test_ca_file, "--workers", "2", "--js", "true")
+def test_a_port_another_jail_with_workers_listens_on_is_refused(start_server, run_jail):
+    process, port = start_server("--workers", "2", "--js", "true")
     second = run_jail("--server", "--listen", f"127.0.0.1:{port}", "--workers", "2", "--js", "true", timeout=30)
     process.terminate()
     process.wait(20)
