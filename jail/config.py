@@ -70,6 +70,7 @@ USER_ONLY = frozenset(
         "keep-caches",
         "otlp-endpoint",
         "user",
+        "ssh-agent",
     }
 )
 # Files a project's `jail.toml` may have written or opened for writing: only inside the project's folder.

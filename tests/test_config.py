@@ -135,6 +135,7 @@ def test_values_are_typed_like_the_flags(folders) -> None:
         ('allow-unix-socket = ["/var/run/docker.sock"]\n', "allow-unix-socket"),
         ('otlp-endpoint = "http://evil.example:4318"\n', "otlp-endpoint"),
         ("weak = true\n", "weak"),
+        ("ssh-agent = true\n", "ssh-agent"),
     ],
 )
 def test_a_project_file_cannot_hand_out_secrets_or_weaken_the_jail(folders, text: str, key: str) -> None:
