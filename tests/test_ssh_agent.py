@@ -3,6 +3,8 @@
 A real ssh-agent holds a test key; a listening socket stands in for the Docker socket, and every attempt
 from inside the jail to reach it (by path, relative path, abstract name, a short address length, racing
 threads that rewrite the address or swap the file descriptor) must leave it without a connection.
+A real `git clone` and `git push` over SSH (tests/test_git_ssh.py's sshd) work with the key only in the
+agent and the key file unreadable; in rootless mode the agent of the jail-rootless-test user serves the jail.
 """
 
 from __future__ import annotations
@@ -13,12 +15,19 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from jail.platform.netns import strong_mode_unavailable
+from jail.platform.rootless import rootless_unavailable
+from tests import test_git_ssh
 from tests.conftest import wait_for
+from tests.test_git_ssh import ALLOW_SSH, CLONE_AND_PUSH, GIT_NAME, SshServer, git_environment, sshd  # noqa: F401
+from tests.test_rootless import user  # noqa: F401 (the rootless test user, a fixture)
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="seccomp user notification is Linux's"),
@@ -119,19 +128,24 @@ def key(tmp_path: Path) -> Path:
     return secret / "id"
 
 
-@pytest.fixture
-def ssh_agent(tmp_path: Path, key: Path) -> Iterator[dict[str, str]]:
-    """A real ssh-agent holding KEY, outside the jail."""
-    path = tmp_path / "agent.sock"
-    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(path)], stdout=subprocess.DEVNULL)
+@contextmanager
+def running_agent(path: Path, key: Path, **as_user) -> Iterator[dict[str, str]]:
+    """A real ssh-agent listening on PATH and holding KEY, outside the jail (AS_USER: Popen's user and group)."""
+    env = {**os.environ, "SSH_AUTH_SOCK": str(path)}
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(path)], stdout=subprocess.DEVNULL, **as_user)
     try:
         assert wait_for(path.exists, 10)
-        env = {**os.environ, "SSH_AUTH_SOCK": str(path)}
-        subprocess.run(["ssh-add", "-q", str(key)], env=env, check=True, capture_output=True)
+        subprocess.run(["ssh-add", "-q", str(key)], env=env, check=True, capture_output=True, **as_user)
         yield {"SSH_AUTH_SOCK": str(path)}
     finally:
         agent.terminate()
         agent.wait(10)
+
+
+@pytest.fixture
+def ssh_agent(tmp_path: Path, key: Path) -> Iterator[dict[str, str]]:
+    with running_agent(tmp_path / "agent.sock", key) as env:
+        yield env
 
 
 @pytest.fixture
@@ -245,3 +259,150 @@ def test_the_flag_needs_the_filesystem_restrictions(run_jail, jail_env, ssh_agen
     env = {**jail_env, **ssh_agent}
     result = run_jail("--weak", "--ssh-agent", "--no-fs-restrictions", "--js", "true", "--", "true", env=env)
     assert result.returncode != 0 and "--ssh-agent needs the filesystem restrictions" in result.stderr
+
+
+# --- a real git clone and push over SSH with the key only in the agent -----------------------------------
+
+# No -i: ssh offers the agent's keys (and the default ~/.ssh files, which jail keeps unreadable).
+AGENT_SSH = (
+    'export GIT_SSH_COMMAND="${GIT_SSH_COMMAND:-ssh} -o BatchMode=yes -o StrictHostKeyChecking=no'
+    ' -o UserKnownHostsFile=$PWD/known_hosts -o ConnectTimeout=10"; '
+)
+
+
+def needs_sshd(test):
+    """tests/test_git_ssh.py's conditions (root, openssh-server, git) for a test that uses its sshd."""
+    for mark in test_git_ssh.pytestmark:
+        test = mark(test)
+    return test
+
+
+@pytest.fixture
+def git_agent(tmp_path: Path, sshd: SshServer) -> Iterator[dict[str, str]]:  # noqa: F811
+    """A real ssh-agent outside the jail holding the key sshd accepts."""
+    with running_agent(tmp_path / "agent.sock", sshd.client_key) as env:
+        yield env
+
+
+@needs_sshd
+@pytest.mark.parametrize("mode", MODES)
+def test_git_clone_and_push_with_the_key_only_in_the_agent(
+    run_jail,
+    jail_env,
+    git_agent,
+    sshd,  # noqa: F811 (tests/test_git_ssh.py's fixture)
+    tmp_path,
+    mode,
+):
+    if not mode and (unavailable := strong_mode_unavailable()) is not None:
+        pytest.skip(f"strong mode unavailable: {unavailable}")
+    project = tmp_path / "project"
+    project.mkdir()
+    audit = tmp_path / "audit.jsonl"
+    message = f"agent-{mode[0][2:] if mode else 'strong'}"
+    script = (
+        f"cat {sshd.client_key} >/dev/null && exit 9; "
+        + AGENT_SSH
+        + CLONE_AND_PUSH.format(url=sshd.url(), message=message)
+    )
+    result = run_jail(
+        *mode, "--ssh-agent", "--deny-read", str(sshd.directory), "--allow-private", f"{sshd.address}/32",
+        "--audit-log", str(audit), "--js", ALLOW_SSH, "--", "sh", "-c", script,
+        env={**git_environment(jail_env), **git_agent}, cwd=project, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr  # 9: the key file was readable inside
+    assert "Permission denied" in result.stderr  # what `cat` said about the key
+    assert sshd.commits()[0] == message
+    key = fingerprint(sshd.client_key.with_suffix(".pub"))
+    assert f"ssh2: ED25519 {key}" in sshd.log.read_text()  # sshd accepted the agent's key
+    signs = [r for r in agent_records(audit) if r["request"] == "sign"]
+    assert [(r["decision"], r["key"]) for r in signs] == [("allow", key)] * 2  # clone, push
+
+
+@needs_sshd
+@pytest.mark.parametrize("mode", MODES)
+def test_a_denied_host_gets_no_connection_and_no_signature(
+    run_jail,
+    jail_env,
+    git_agent,
+    sshd,  # noqa: F811 (tests/test_git_ssh.py's fixture)
+    tmp_path,
+    mode,
+):
+    if not mode and (unavailable := strong_mode_unavailable()) is not None:
+        pytest.skip(f"strong mode unavailable: {unavailable}")
+    audit = tmp_path / "audit.jsonl"
+    before = sshd.connections()
+    result = run_jail(
+        *mode, "--ssh-agent", "--allow-private", f"{sshd.address}/32", "--audit-log", str(audit),
+        "--js", f"r.scheme === 'tcp' && r.host !== '{GIT_NAME}'", "--", "sh", "-c",
+        AGENT_SSH + f"git clone -q {sshd.url()} clone",
+        env={**git_environment(jail_env), **git_agent}, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert not (tmp_path / "clone").exists()
+    time.sleep(0.2)
+    assert sshd.connections() == before, "a denied stream reached sshd"
+    assert [r for r in agent_records(audit) if r["request"] == "sign"] == []
+    records = [r for r in map(json.loads, audit.read_text().splitlines()) if r.get("scheme") == "tcp"]
+    assert [(r["url"], r["decision"]) for r in records] == [(f"tcp://{GIT_NAME}:22", "deny")]
+
+
+# --- rootless: an agent of the jail-rootless-test user --------------------------------------------------
+
+# Run inside the jail: connect to each path given; prints one outcome a line.
+CONNECT_EACH = r"""
+import errno, socket, sys
+for path in sys.argv[1:]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+            print("connected")
+        except OSError as exc:
+            print(errno.errorcode.get(exc.errno, str(exc.errno)))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making the rootless test user and running as it needs root")
+def test_rootless_the_users_agent_is_usable_and_another_socket_is_not(request):
+    if (unavailable := rootless_unavailable()) is not None:
+        pytest.skip(f"rootless jail unavailable: {unavailable}")
+    jailed = request.getfixturevalue("user")
+    as_user = {"user": jailed.uid, "group": jailed.entry.pw_gid, "extra_groups": []}
+    folder = jailed.workspace / "ssh-agent"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    os.chown(folder, jailed.uid, jailed.entry.pw_gid)
+    key = folder / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, **as_user)
+    (folder / "probe.py").write_text(CONNECT_EACH)
+    stand_in = folder / "docker.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        listener.bind(str(stand_in))
+        os.chown(stand_in, jailed.uid, jailed.entry.pw_gid)
+        listener.listen(16)
+        listener.setblocking(False)
+        # The user reaches the stand-in outside the jail: only the jail keeps it out of reach.
+        outside = subprocess.run(["python3", str(folder / "probe.py"), str(stand_in)], **as_user, capture_output=True)
+        assert outside.stdout.split() == [b"connected"] and connections([listener]) == 1
+        with running_agent(folder / "agent.sock", key, **as_user) as agent:
+            script = (
+                "ssh-add -l; echo list=$?; ssh-add -D; echo remove_all=$?;"
+                f' cat {key} >/dev/null; echo read_key=$?; python3 probe.py {stand_in} "$SSH_AUTH_SOCK_OUTSIDE"'
+            )
+            argv = jailed.jail_argv(
+                "--ssh-agent", "--deny-read", str(key), "--js", "true", "--", "sh", "-c", f"cd ssh-agent && {script}"
+            )
+            names = [f"SSH_AUTH_SOCK={agent['SSH_AUTH_SOCK']}", f"SSH_AUTH_SOCK_OUTSIDE={agent['SSH_AUTH_SOCK']}"]
+            result = jailed.run(["env", *names, *argv])
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        statuses = dict(line.split("=") for line in lines if "=" in line)
+        assert statuses == {"list": "0", "remove_all": "1", "read_key": "1"}, result.stdout + result.stderr
+        assert fingerprint(key.with_suffix(".pub")) in result.stdout  # ssh-add -l listed the key
+        assert lines[-2:] == ["EACCES", "EACCES"]  # the stand-in, and the agent's own socket
+        assert connections([listener]) == 0
+    finally:
+        listener.close()
+        shutil.rmtree(folder, ignore_errors=True)
