@@ -298,10 +298,10 @@ def test_the_rule_json_is_exactly_json_dumps_of_the_rule_object(request_):
 def test_stamping_a_decision_keeps_every_other_field():
     from dataclasses import MISSING, fields, replace
 
-    decision = Decision(False, "why", "code", "js", 5, 7, "ci.toml:3", True)
+    decision = Decision(False, "why", "code", "js", 5, 7, "ci.toml:3", True, True, "cli")
     # Every field differs from its default: a field added to Decision must be added here (and to stamped).
     assert all(getattr(decision, f.name) != f.default for f in fields(Decision) if f.default is not MISSING)
-    assert len(fields(Decision)) == 8
+    assert len(fields(Decision)) == 10
     assert decision.stamped("proc", 42) == replace(decision, engine="proc", rule_us=42)
 
 
