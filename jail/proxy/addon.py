@@ -55,7 +55,7 @@ from jail.model import DEFAULT_PORTS, Decision, Request, format_authority, norma
 from jail.proxy.clients import ClientAuthError, ClientTokens
 from jail.proxy.guard import AddressGuard
 from jail.proxy.secrets import Secret, Vault
-from jail.proxy.streams import sniff_seconds
+from jail.proxy.streams import LATE_HANDSHAKE, LATE_HANDSHAKE_REASON, StreamOpening, sniff_seconds
 from jail.proxy.upstream import ProxyServer, UpstreamProxies
 
 logger = logging.getLogger("jail.proxy")
@@ -364,6 +364,7 @@ class Stream:
     failure: UpstreamFailure | None = None
     bytes_up: int = 0
     bytes_down: int = 0
+    opening: StreamOpening = field(default_factory=StreamOpening)
 
     @property
     def dialable(self) -> bool:
@@ -724,15 +725,32 @@ class PolicyAddon:
         return Stream(started, request, decision, address=address)
 
     def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        """Counts the bytes; a client that opens with TLS or HTTP (`StreamOpening`) is cut off, and mitmproxy
+        sends the message as this hook leaves it: emptied, nothing of it reaches the server."""
         stream = flow.metadata.get(METADATA_KEY)
         if not isinstance(stream, Stream):
             return
         message = flow.messages[-1]
-        if message.from_client:
-            stream.bytes_up += len(message.content)
+        if message.from_client and (admitted := stream.opening.admit(message.content)) is not None:
+            message.content = admitted
+            stream.bytes_up += len(admitted)
+        elif message.from_client or stream.opening.refused:
+            message.content = b""
+            if stream.failure is None:
+                stream.failure = UpstreamFailure(LATE_HANDSHAKE, LATE_HANDSHAKE_REASON)
+                self._close_tunnel(flow)
         else:
             stream.bytes_down += len(message.content)
         flow.messages.clear()  # counted: a long stream is not kept in memory
+
+    @staticmethod
+    def _close_tunnel(flow: tcp.TCPFlow) -> None:
+        """Both ends of a TCP flow, closed now (mitmproxy's TCP layer ignores a killed flow)."""
+        if (handler := ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)) is None:
+            return
+        for conn in (flow.client_conn, flow.server_conn):
+            if conn in handler.transports:
+                handler.close_connection(conn)
 
     def tcp_end(self, flow: tcp.TCPFlow) -> None:
         if isinstance(stream := flow.metadata.get(METADATA_KEY), Stream):

@@ -5,6 +5,7 @@ proxy, anything else is a plain TCP stream judged once by name.
         TLS ClientHello / HTTP request line ──► the proxy's transparent mode (judged per request)
         anything else, or nothing in SNIFF_SECONDS ──► TcpStreams: `CONNECT tcp://name:port` judged,
             the name resolved, the address guard asked, the server dialled, bytes relayed both ways
+            (unless the client then opens with TLS or HTTP after all: `StreamOpening`)
 
 The first bytes are only peeked (MSG_PEEK): the proxy reads the connection from its first byte. The
 wait is short and bounded because many protocols (SSH's server, Postgres's client aside: MySQL, Redis,
@@ -67,6 +68,13 @@ HTTP_REQUEST_LINE = re.compile(rb"[A-Z][A-Z_-]{0,19} (?:/|\*|https?://)")
 HTTP_METHOD_SO_FAR = re.compile(rb"[A-Z][A-Z_-]{0,19}(?: (.*))?", re.DOTALL)
 ABSOLUTE_TARGETS = (b"http://", b"https://")
 TLS_HANDSHAKE = 0x16
+# A stream whose client opens with TLS or HTTP once it was judged as plain TCP (`StreamOpening`): its
+# record's reason_code and error.
+LATE_HANDSHAKE = "late_handshake"
+LATE_HANDSHAKE_REASON = (
+    "TLS or HTTP on a connection judged as a plain TCP stream (its client was silent first): "
+    "refused, TLS and HTTP are judged per request"
+)
 
 
 def for_the_proxy(data: bytes) -> bool | None:
@@ -130,6 +138,46 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+class StreamOpening:
+    """The client's first bytes on a stream judged as plain TCP, held back until they are told from TLS and HTTP.
+
+    A connection becomes a stream when its client stays silent (a server-first protocol), or opens with
+    bytes too short to tell; the rule judged only `tcp://host:port`. Such a client must not go on to
+    speak TLS or HTTP through the uninspected relay, or a rule about paths and methods would never see
+    its requests. Only the opening is checked: the clients of server-first protocols answer in their
+    own (EHLO, a MySQL handshake, SSH's version), and a STARTTLS upgrade comes after those words."""
+
+    def __init__(self) -> None:
+        self.held = b""
+        self.passed = False
+        self.refused = False
+
+    def admit(self, data: bytes) -> bytes | None:
+        """What of the client's `data` may go to the server now (b"" while the opening is still too short
+        to tell), or None once the stream opened with TLS or HTTP: then nothing more may."""
+        if self.refused:
+            return None
+        if self.passed or not data:
+            return data
+        opening = self.held + data
+        verdict = for_the_proxy(opening)
+        if verdict is None:
+            self.held = opening
+            return b""
+        self.held = b""
+        self.refused, self.passed = verdict, not verdict
+        return None if verdict else opening
+
+    def rest(self) -> bytes:
+        """What is still held back when the client ends its side: it can start no TLS record or request."""
+        rest, self.held = self.held, b""
+        return b"" if self.refused else rest
+
+
+class LateHandshake(Exception):
+    """The client of a stream opened with TLS or HTTP (`StreamOpening`)."""
+
+
 @dataclass
 class Relayed:
     """What went through one stream."""
@@ -137,6 +185,8 @@ class Relayed:
     bytes_up: int = 0
     bytes_down: int = 0
     end: str = ""
+    # Why jail cut the stream (LATE_HANDSHAKE), empty when one side ended it.
+    refused: str = ""
 
 
 class TcpStreams:
@@ -210,7 +260,14 @@ class TcpStreams:
             conn.close()
             return Outcome(address=address, end=stream_error(exc.strerror or str(exc)))
         relayed = await relay(child, server)
-        return Outcome(bytes_up=relayed.bytes_up, bytes_down=relayed.bytes_down, address=address, end=relayed.end)
+        return Outcome(
+            bytes_up=relayed.bytes_up,
+            bytes_down=relayed.bytes_down,
+            address=address,
+            end=relayed.end,
+            reason_code=relayed.refused,
+            error=LATE_HANDSHAKE_REASON if relayed.refused else "",
+        )
 
 
 Pair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -218,17 +275,24 @@ Pair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 async def relay(child: Pair, server: Pair) -> Relayed:
     """Copy both ways until both sides have finished; an end of one direction is passed on as a
-    half-close, so a client that shuts down its sending side still gets the server's answer."""
+    half-close, so a client that shuts down its sending side still gets the server's answer. A client
+    that opens with TLS or HTTP is cut off before any of it reaches the server (`StreamOpening`)."""
     relayed = Relayed()
+    opening = StreamOpening()
 
     async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, upward: bool) -> None:
         while data := await source.read(RELAY_CHUNK):
             if upward:
+                if (data := opening.admit(data)) is None:
+                    raise LateHandshake
                 relayed.bytes_up += len(data)
             else:
                 relayed.bytes_down += len(data)
             sink.write(data)
             await sink.drain()
+        if upward and (rest := opening.rest()):
+            relayed.bytes_up += len(rest)
+            sink.write(rest)
         relayed.end = relayed.end or (STREAM_END_CLIENT if upward else STREAM_END_SERVER)
         if sink.can_write_eof():
             sink.write_eof()
@@ -239,7 +303,9 @@ async def relay(child: Pair, server: Pair) -> Relayed:
         # A reset on either side ends both directions: nothing more can be said over the stream.
         done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
-            if (exc := task.exception()) is not None:
+            if isinstance(exc := task.exception(), LateHandshake):
+                relayed.end, relayed.refused = STREAM_END_REFUSED, LATE_HANDSHAKE
+            elif exc is not None:
                 # After one side has closed, the other's reset is only how it ended.
                 relayed.end = relayed.end or stream_error(getattr(exc, "strerror", None) or type(exc).__name__)
     finally:
