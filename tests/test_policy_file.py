@@ -508,7 +508,11 @@ VALIDATION_ERRORS = [
     ('[[rule]]\naction = "allow"\nport = "443"\n', 3, "rule 1: 'port' must be a port number (1-65535) or a list"),
     ('[[rule]]\naction = "allow"\nport = [443, 70000]\n', 3, "rule 1: 'port' must be a port number"),
     ('[[rule]]\naction = "allow"\nport = true\n', 3, "rule 1: 'port' must be a port number"),
-    ('[[rule]]\nname = "x"\n\n    action = "alow"\n', 4, 'rule 1: \'action\' must be "allow", "deny" or "ask", not "alow"'),
+    (
+        '[[rule]]\nname = "x"\n\n    action = "alow"\n',
+        4,
+        'rule 1: \'action\' must be "allow", "deny" or "ask", not "alow"',
+    ),
     ("[[rule]]\naction = true\n", 2, "rule 1: 'action' must be"),
     ('\n[[rule]]\nhost = "x.example"\n', 2, "rule 1: missing required key 'action'"),
     ('[[rule]]\naction = "allow"\nhost = 3\n', 3, "rule 1: 'host' must be a host name"),
