@@ -178,22 +178,11 @@ def read_file(
 ) -> list[Setting]:
     # policy_file's TOML position helpers: one scanner of key lines for every TOML file jail reads.
     # Imported here: a run without config files loads no TOML parser.
-    import tomllib
-
-    from jail.policies.policy_file import _Locator, _toml_error
+    from jail.policies.policy_file import Locator, read_toml
 
     name = str(path.absolute())
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise JailError(f"{name}: cannot read config file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise JailError(f"{name}: not UTF-8 text: {exc}") from None
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise JailError(_toml_error(name, text, exc)) from None
-    where = _Locator(text)
+    text, document = read_toml(path, name, "config file")
+    where = Locator(text)
     settings = []
     for key, value in sorted(document.items(), key=lambda item: where.line(key=item[0])):
         line = where.line(key=key)

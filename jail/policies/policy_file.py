@@ -156,7 +156,7 @@ def _escaped(line: str, index: int) -> bool:
     return backslashes % 2 == 1
 
 
-class _Locator:
+class Locator:
     """Line numbers of top-level keys, of every `[table]` / `[[array]]` header and of the keys under them."""
 
     def __init__(self, text: str) -> None:
@@ -360,22 +360,28 @@ def load_policy(files: Iterable[Path | str]) -> Policy:
     return Policy.compose(parts)
 
 
-def load_file(path: Path) -> PolicyFile:
-    name = str(path)
+def read_toml(path: Path, name: str, what: str) -> tuple[str, dict[str, Any]]:
+    """The text and the document of a TOML file jail reads (a policy or config file); every mistake is one
+    JailError naming the file (and the line, for TOML errors)."""
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:
-        raise JailError(f"{name}: cannot read policy file: {exc.strerror or exc}") from None
+        raise JailError(f"{name}: cannot read {what}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise JailError(f"{name}: not UTF-8 text: {exc}") from None
     try:
-        document = tomllib.loads(text)
+        return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise JailError(_toml_error(name, text, exc)) from None
+        raise JailError(toml_error(name, text, exc)) from None
+
+
+def load_file(path: Path) -> PolicyFile:
+    name = str(path)
+    text, document = read_toml(path, name, "policy file")
     return _FileLoader(path, name, text).load(document)
 
 
-def _toml_error(name: str, text: str, exc: tomllib.TOMLDecodeError) -> str:
+def toml_error(name: str, text: str, exc: tomllib.TOMLDecodeError) -> str:
     message = str(exc).splitlines()[0] if str(exc) else "invalid TOML"
     position = _TOML_POSITION_RE.search(message)
     line = getattr(exc, "lineno", None)
@@ -411,7 +417,7 @@ class _FileLoader:
     def __init__(self, path: Path, name: str, text: str) -> None:
         self.path = path
         self.name = name
-        self.where = _Locator(text)
+        self.where = Locator(text)
 
     def fail(self, line: int, message: str) -> JailError:
         return JailError(f"{self.name}:{line}: {message}")
