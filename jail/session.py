@@ -29,7 +29,7 @@ from jail.platform import (
     select_backend,
 )
 from jail.platform.caches import remove_empty_made_folders
-from jail.platform.confine import FsPolicy, command_owner, confine_command, create_missing
+from jail.platform.confine import FsPolicy, command_owner, confine_command, create_missing, unix_socket_syscalls
 from jail.platform.process import Child, ChildError
 from jail.policies import HostGrant, Judge, RuleSpec, build_engine
 from jail.profiles import Profile, home_dir
@@ -438,7 +438,10 @@ class Session:
         self.stack.push_async_callback(child.kill_tree)
         if channel is not None:
             channel.spawned()
-            answering = asyncio.create_task(channel.serve(self.jail_id, user_agent(), self.audit.record_event))
+            syscalls = unix_socket_syscalls(os.uname().machine)
+            answering = asyncio.create_task(
+                channel.serve(self.jail_id, user_agent(), self.audit.record_event, syscalls)
+            )
             self.stack.push_async_callback(_cancelled, answering)
         # The child runs while the proxy loads: its first requests wait in the sockets' backlog.
         serving = asyncio.create_task(self._serve(listeners, backend.isolated))

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from jail.agent.relay import AgentRelay
 from jail.agent.supervisor import Supervisor
 from jail.model import JailError
-from jail.platform.confine import AUDIT_ARCH
 
 
 def agent_path(jail_id: str) -> str:
@@ -50,8 +49,11 @@ class AgentChannel:
         """The command has started: only the launcher holds its end now."""
         self._theirs.close()
 
-    async def serve(self, jail_id: str, upstream: str, record: Callable[[dict], None]) -> None:
-        """Wait for the listener, then answer the command's sockets until `close`."""
+    async def serve(
+        self, jail_id: str, upstream: str, record: Callable[[dict], None], syscalls: tuple[int, int]
+    ) -> None:
+        """Wait for the listener, then answer the command's sockets until `close`. SYSCALLS: the numbers of
+        socket() and connect() on this machine, which the launcher's filter sends here."""
         received = await asyncio.to_thread(socket.recv_fds, self._ours, 1, 1)
         self._ours.close()
         fds = received[1]
@@ -59,7 +61,7 @@ class AgentChannel:
             return  # the launcher failed before installing the filter (it said why)
         loop = asyncio.get_running_loop()
         self._relay = AgentRelay(upstream, record)
-        _, nr_socket, nr_connect, _ = AUDIT_ARCH[os.uname().machine]
+        nr_socket, nr_connect = syscalls
         relay = self._relay
 
         def hand_over(sock: socket.socket) -> None:

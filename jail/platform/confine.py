@@ -574,6 +574,14 @@ def apply_landlock(rules: list[tuple[str, int]], abi: int, scope_abstract: bool)
 # seccomp: socket(AF_UNIX, ...) -> EACCES, io_uring_setup -> ENOSYS, other architectures' calls -> killed.
 # (arch, socket's number, connect's, seccomp's)
 AUDIT_ARCH = {"x86_64": (0xC000003E, 41, 42, 317), "aarch64": (0xC00000B7, 198, 203, 277)}
+
+
+def unix_socket_syscalls(machine: str) -> tuple[int, int]:
+    """socket() and connect() on MACHINE: the calls the --ssh-agent filter sends to jail's supervisor."""
+    _, nr_socket, nr_connect, _ = AUDIT_ARCH[machine]
+    return nr_socket, nr_connect
+
+
 NR_IO_URING_SETUP = 425
 SECCOMP_RET_KILL_PROCESS = 0x80000000
 SECCOMP_RET_USER_NOTIF = 0x7FC00000
