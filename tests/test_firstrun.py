@@ -23,7 +23,8 @@ import psutil
 import pytest
 
 from jail.model import JailError
-from jail.platform.rootless import TOOL_PATH, rootless_unavailable
+from jail.platform import TOOL_PATH
+from jail.platform.rootless import rootless_unavailable
 from tests.conftest import PYTHON, UPSTREAM_HOST, host_addresses, jail_argv, wait_for
 from tests.test_rootless import GETCWD_PROBE, RUNUSER, SYS_GETCWD, RootlessUser, getcwd_answers, user  # noqa: F401
 
@@ -194,12 +195,13 @@ def test_the_probe_sees_an_unreachable_directory(tmp_path):
 @pytest.fixture
 def broken_nft(tmp_path: Path, monkeypatch) -> Iterator[None]:
     """An `nft` first on jail's tool path that fails the way it does on a kernel without nf_tables."""
+    import jail.platform
     from jail.platform import rootless
 
     fake = tmp_path / "nft"
     fake.write_text("#!/bin/sh\necho 'Error: Could not process rule: Operation not supported' >&2\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(rootless, "TOOL_PATH", f"{tmp_path}:{rootless.TOOL_PATH}")
+    monkeypatch.setattr(jail.platform, "TOOL_PATH", f"{tmp_path}:{TOOL_PATH}")
     rootless.nftables_unavailable.cache_clear()
     yield
     rootless.nftables_unavailable.cache_clear()

@@ -30,6 +30,7 @@ import psutil
 import pytest
 
 import jail
+import jail.platform
 from jail.model import JailError
 from jail.platform import rootless, select_backend
 from jail.platform.rootless import rootless_unavailable
@@ -339,7 +340,7 @@ def test_a_namespace_the_kernel_refuses_is_one_clear_line(monkeypatch, tmp_path)
     fake = tmp_path / "unshare"
     fake.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(rootless, "TOOL_PATH", f"{tmp_path}:{rootless.TOOL_PATH}")
+    monkeypatch.setattr(jail.platform, "TOOL_PATH", f"{tmp_path}:{jail.platform.TOOL_PATH}")
     backend = rootless.RootlessBackend("0123abcd")
     with pytest.raises(JailError) as refused:
         asyncio.run(backend.prepare())

@@ -204,6 +204,29 @@ def test_child_runs_as_the_sudo_user(run_jail, jail_env):
     assert result.stdout.strip() == "65534"
 
 
+def test_strong_mode_without_sbin_on_path(run_jail, jail_env, named_upstreams):
+    """root's tools (ip, nft) live in sbin, which a service's or a user's PATH may lack: still the strong mode."""
+    env = {**jail_env, "PATH": "/usr/bin:/bin"}
+    result = run_jail(
+        "--js",
+        f"r.host === '{TEST_NAME}'",
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        f"http://{TEST_NAME}/sbin",
+        env=env,
+    )
+    assert result.stdout == "200", result.stdout + result.stderr
+    assert "isolated" not in result.stderr and "missing" not in result.stderr, result.stderr
+    assert [r["path"] for r in named_upstreams[0].requests] == ["/sbin"]
+
+
 def start_jail(jail_env, seconds: str) -> tuple[subprocess.Popen, str]:
     """A strong jail whose child prints its jail id and then sleeps; returns the process and the id."""
     process = subprocess.Popen(

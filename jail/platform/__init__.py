@@ -19,6 +19,9 @@ import psutil
 from jail.model import JailError, ProxyEndpoint
 
 LISTEN_BACKLOG = 1024
+# Where the backends' system tools (ip, nft, unshare, nsenter, setpriv, mount) are looked for, whatever the
+# caller's PATH: root's tools live in sbin, which a user's (or a service's) PATH often lacks.
+TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 JAIL_ID = re.compile(r"[0-9a-f]{8}")
 # In a run's work dir: "PID START_TIME" of the jail process that made it.
 OWNER_FILE = "jail.pid"
@@ -46,6 +49,16 @@ class Listeners:
     def close(self) -> None:
         for sock in self.sockets():
             sock.close()
+
+
+def system_tool(name: str) -> str | None:
+    """The absolute path of a system tool, or None when it is not installed."""
+    return shutil.which(name, path=TOOL_PATH)
+
+
+def tool_path(name: str) -> str:
+    """The absolute path of a system tool (its bare name when missing, so running it fails with its name)."""
+    return system_tool(name) or name
 
 
 def listening_socket(host: str, port: int = 0) -> socket.socket:

@@ -345,8 +345,9 @@ def confine_command(policy: FsPolicy | None, backend, argv: list[str]) -> list[s
     policy = _with_private_tmp(policy, owner, backend.jail_id)
     if policy.caches and not policy.keep_caches:
         policy = policy._replace(cache_layer=_caches().make_layer(backend.jail_id))
-    if backend.name == "strong" and "setpriv" in wrapped:
-        at = wrapped.index("setpriv")
+    setprivs = [index for index, token in enumerate(wrapped) if os.path.basename(token) == "setpriv"]
+    if backend.name == "strong" and setprivs:
+        at = setprivs[0]
         return [*wrapped[:at], *launcher_prefix(policy), *wrapped[at:]]
     return backend.child_command(confine_argv(policy, argv))
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 
 from jail.model import JailError, ProxyEndpoint
-from jail.platform import Listeners, datagram_socket, listening_socket
+from jail.platform import Listeners, datagram_socket, listening_socket, system_tool, tool_path
 
 logger = logging.getLogger("jail.netns")
 
@@ -90,7 +90,7 @@ def strong_mode_unavailable() -> str | None:
     from jail.platform.rootless import nftables_unavailable
 
     for tool in ("ip", "nft", "setpriv"):
-        if shutil.which(tool) is None:
+        if system_tool(tool) is None:
             package = {"nft": "nftables", "ip": "iproute2", "setpriv": "util-linux"}[tool]
             return f"the {tool!r} command is missing (install the {package} package)"
     return nftables_unavailable()
@@ -224,7 +224,7 @@ class NetnsBackend:
         names = self.names
         # The namespace side is set up with `ip -n`: pyroute2's NetNS forks a helper that inherits
         # jail's signal wake-up descriptor, and its exit would look like a signal sent to jail.
-        run_tool(["ip", "netns", "add", names.netns])
+        run_tool([tool_path("ip"), "netns", "add", names.netns])
         with IPRoute() as ipr:
             ipr.link("add", ifname=names.host_link, kind="veth", peer={"ifname": names.jail_link})
             (host_index,) = ipr.link_lookup(ifname=names.host_link)
@@ -232,7 +232,7 @@ class NetnsBackend:
             ipr.link("set", index=jail_index, net_ns_fd=names.netns)
             ipr.addr("add", index=host_index, address=self.host_address, prefixlen=30)
             ipr.link("set", index=host_index, state="up")
-        inside = ["ip", "-n", names.netns]
+        inside = [tool_path("ip"), "-n", names.netns]
         run_tool([*inside, "link", "set", "lo", "up"])
         run_tool([*inside, "addr", "add", f"{self.jail_address}/30", "dev", names.jail_link])
         run_tool([*inside, "link", "set", names.jail_link, "up"])
@@ -240,7 +240,7 @@ class NetnsBackend:
         # No IPv6 on the jail's link at all; the inet table rejects IPv6 as well.
         run_tool(
             [
-                "ip",
+                tool_path("ip"),
                 "netns",
                 "exec",
                 names.netns,
@@ -254,9 +254,12 @@ class NetnsBackend:
         """Both sides: the proxy's ports are known once its sockets are bound."""
         names = self.names
         run_tool(
-            ["ip", "netns", "exec", names.netns, "nft", "-f", "-"], jail_ruleset(names, self.host_address, regular_port)
+            [tool_path("ip"), "netns", "exec", names.netns, tool_path("nft"), "-f", "-"],
+            jail_ruleset(names, self.host_address, regular_port),
         )
-        run_tool(["nft", "-f", "-"], host_ruleset(names, self.host_address, (regular_port, transparent_port)))
+        run_tool(
+            [tool_path("nft"), "-f", "-"], host_ruleset(names, self.host_address, (regular_port, transparent_port))
+        )
         names.netns_config.mkdir(parents=True, exist_ok=True)
         (names.netns_config / "resolv.conf").write_text(f"nameserver {self.host_address}\n")
         # Only loopback names are local in the jail; every other name goes to jail's resolver.
@@ -269,7 +272,13 @@ class NetnsBackend:
 
     def child_command(self, argv: list[str]) -> list[str]:
         # --pdeathsig: if jail is killed, its child dies with it rather than live on in the namespace.
-        privileges = ["setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--pdeathsig=KILL"]
+        privileges = [
+            tool_path("setpriv"),
+            "--no-new-privs",
+            "--bounding-set=-all",
+            "--inh-caps=-all",
+            "--pdeathsig=KILL",
+        ]
         if self.user is not None:
             try:
                 entry = pwd.getpwnam(self.user)
@@ -278,7 +287,7 @@ class NetnsBackend:
             privileges += [f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups"]
         elif (user := child_user()) is not None:
             privileges += [f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups"]
-        return ["ip", "netns", "exec", self.names.netns, *privileges, "--", *argv]
+        return [tool_path("ip"), "netns", "exec", self.names.netns, *privileges, "--", *argv]
 
     async def teardown(self) -> None:
         remove_jail(self.names)
@@ -287,13 +296,15 @@ class NetnsBackend:
 def remove_jail(names: JailNames) -> None:
     """Remove every resource named for this jail; each step tolerates what is already gone."""
     # A namespace lives on while a process is in it: whatever a killed jail's child left must go.
-    pids = subprocess.run(["ip", "netns", "pids", names.netns], capture_output=True, text=True, check=False).stdout
+    pids = subprocess.run(
+        [tool_path("ip"), "netns", "pids", names.netns], capture_output=True, text=True, check=False
+    ).stdout
     for pid in pids.split():
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
-    subprocess.run(["nft", "delete", "table", "inet", names.nft_table], capture_output=True, check=False)
-    subprocess.run(["ip", "link", "delete", names.host_link], capture_output=True, check=False)
-    subprocess.run(["ip", "netns", "delete", names.netns], capture_output=True, check=False)
+    subprocess.run([tool_path("nft"), "delete", "table", "inet", names.nft_table], capture_output=True, check=False)
+    subprocess.run([tool_path("ip"), "link", "delete", names.host_link], capture_output=True, check=False)
+    subprocess.run([tool_path("ip"), "netns", "delete", names.netns], capture_output=True, check=False)
     shutil.rmtree(names.netns_config, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         names.pid_file.unlink()
@@ -316,7 +327,7 @@ def existing_jail_ids() -> set[str]:
     ids |= {name[3:] for name in psutil.net_if_addrs() if name.startswith("vh_")}
     if STATE_DIR.is_dir():
         ids |= {p.stem for p in STATE_DIR.glob("*.pid")}
-    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False).stdout
+    tables = subprocess.run([tool_path("nft"), "list", "tables"], capture_output=True, text=True, check=False).stdout
     ids |= {
         line.split()[-1][5:]
         for line in tables.splitlines()

@@ -31,11 +31,10 @@ import tempfile
 from pathlib import Path
 
 from jail.model import JailError, ProxyEndpoint
-from jail.platform import Listeners
+from jail.platform import Listeners, system_tool, tool_path
 
 HOLDER = Path(__file__).with_name("rootless_holder.py")
 TOOLS = ("unshare", "nsenter", "setpriv")
-TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 JAIL_HOSTS_FILE = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
 HOLDER_START_SECONDS = 10.0
 NFT_PROBE_SECONDS = 5.0
@@ -66,7 +65,7 @@ def rootless_unavailable() -> str | None:
         if switch != APPARMOR_RESTRICTION or not _unshare_is_capable():
             return f"unprivileged user namespaces are disabled ({switch} is {off})"
     for tool in TOOLS:
-        if shutil.which(tool, path=TOOL_PATH) is None:
+        if system_tool(tool) is None:
             return f"the {tool!r} command is missing (install the util-linux package)"
     return None
 
@@ -76,8 +75,8 @@ def _unshare_is_capable() -> bool:
     """Whether `unshare` makes a user namespace in which its root may act (mount, as the holder must):
     under AppArmor's restriction the namespace is made, but without any capability, unless a profile
     allows `userns` for unshare."""
-    unshare = shutil.which("unshare", path=TOOL_PATH)
-    mount = shutil.which("mount", path=TOOL_PATH)
+    unshare = system_tool("unshare")
+    mount = system_tool("mount")
     if unshare is None or mount is None:
         return False
     probe = [unshare, "--user", "--map-root-user", "--net", "--mount", "--", mount, "-t", "tmpfs", "jail-probe", "/"]
@@ -93,13 +92,13 @@ def nftables_unavailable() -> str | None:
 
     Only trying tells whether the kernel has nf_tables (it may be missing, or blocked in a container):
     `nft list tables` in a fresh network namespace, a user namespace's when not root (~3 ms)."""
-    nft = shutil.which("nft", path=TOOL_PATH)
+    nft = system_tool("nft")
     if nft is None:
         return "the 'nft' command is missing"
     as_user = ["--user", "--map-root-user"] if os.geteuid() != 0 else []
     try:
         probe = subprocess.run(
-            [_tool("unshare"), *as_user, "--net", nft, "list", "tables"],
+            [tool_path("unshare"), *as_user, "--net", nft, "list", "tables"],
             capture_output=True,
             text=True,
             timeout=NFT_PROBE_SECONDS,
@@ -140,7 +139,7 @@ class RootlessBackend:
         with theirs:
             self.holder = subprocess.Popen(
                 [
-                    _tool("unshare"),
+                    tool_path("unshare"),
                     "--user",
                     "--map-root-user",
                     "--net",
@@ -198,7 +197,7 @@ class RootlessBackend:
     def child_command(self, argv: list[str]) -> list[str]:
         assert self.holder is not None
         return [
-            _tool("nsenter"),
+            tool_path("nsenter"),
             f"--target={self.holder.pid}",
             "--user",
             "--net",
@@ -208,7 +207,7 @@ class RootlessBackend:
             "--",
             # A second user namespace in which the command is the caller's uid: it keeps the caller's
             # files, and has no capability over the first namespace's network or firewall.
-            _tool("unshare"),
+            tool_path("unshare"),
             "--user",
             f"--map-user={os.getuid()}",
             f"--map-group={os.getgid()}",
@@ -217,7 +216,7 @@ class RootlessBackend:
             # which getcwd() then reports as "(unreachable)/...", and musl programs fail on).
             f"--wd={os.getcwd()}",
             "--",
-            _tool("setpriv"),
+            tool_path("setpriv"),
             "--no-new-privs",
             "--pdeathsig=KILL",
             "--",
@@ -237,7 +236,3 @@ class RootlessBackend:
                 self.holder.stderr.close()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def _tool(name: str) -> str:
-    return shutil.which(name, path=TOOL_PATH) or name
