@@ -207,6 +207,10 @@ check ssh_symlink sh -c 'ln -s "$HOME/.ssh" sshlink && cat sshlink/id_test'
 check ssh_hardlink ln "$HOME/.ssh/id_test" stolen
 check unix_socket python3 -c 'import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$SOCK"
 check dev_null sh -c 'echo x > /dev/null'
+check stream_pair python3 -c 'import socket; a, b = socket.socketpair(); a.send(b"x"); assert b.recv(1) == b"x"'
+check seqpacket_pair python3 -c 'import socket; a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET); a.send(b"x"); assert b.recv(1) == b"x"'
+check dgram_pair python3 -c 'import socket,sys; a, _ = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM); a.sendto(b"x", sys.argv[1])' "$DGRAM"
+check dgram_socket python3 -c 'import socket,sys; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"x", sys.argv[1])' "$DGRAM"
 """
 
 
@@ -227,13 +231,32 @@ def workspace(tmp_path: Path, jail_env: dict[str, str]):
     server.listen(8)
     acceptor = threading.Thread(target=accept_until_closed, args=(server,), daemon=True)
     acceptor.start()
-    env = dict(jail_env, HOME=str(home), SOCK=str(sock))
+    # A datagram socket of the host (as /dev/log or systemd's notify socket are), open to everyone.
+    dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dgram.bind(str(tmp_path / "dgram.sock"))
+    os.chmod(tmp_path / "dgram.sock", 0o666)
+    dgram.setblocking(False)
+    HOST_DATAGRAM_SOCKETS[:] = [dgram]
+    env = dict(jail_env, HOME=str(home), SOCK=str(sock), DGRAM=str(tmp_path / "dgram.sock"))
     env.pop("SUDO_UID", None)
     yield proj, home, sock, env
+    dgram.close()
     # Wake accept() first: a thread left in it would take connections from the next socket given this number.
     server.shutdown(socket.SHUT_RDWR)
     acceptor.join()
     server.close()
+
+
+# The workspace's host datagram socket, for the test to ask what reached it.
+HOST_DATAGRAM_SOCKETS: list[socket.socket] = []
+
+
+def datagrams_received() -> list[bytes]:
+    received = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            received.append(HOST_DATAGRAM_SOCKETS[0].recv(16))
+    return received
 
 
 def accept_until_closed(server: socket.socket) -> None:
@@ -262,7 +285,9 @@ def test_confined(run_jail, workspace, mode: list[str]) -> None:
     proj, home, _, _ = workspace
     seen = run_checks(run_jail, mode, workspace)
     allowed = {"write_cwd", "write_subdir", "write_tmp", "read_other", "git_objects", "git_add", "dev_null"}
+    allowed |= {"stream_pair", "seqpacket_pair"}  # pairs that reach nothing but themselves
     assert {name for name, ok in seen.items() if ok} == allowed, seen
+    assert datagrams_received() == []
     assert not (proj / ".git" / "hooks" / "pre-commit").exists()
     assert (proj / ".git" / "hooks" / "pre-push").read_text() == "#!/bin/sh\n"
     assert "[core]\n[core]" not in (proj / ".git" / "config").read_text()
@@ -275,6 +300,8 @@ def test_flags_lift_or_tighten(run_jail, workspace, mode: list[str]) -> None:
     _, _, sock, _ = workspace
     off = run_checks(run_jail, mode, workspace, "--no-fs-restrictions")
     assert off["read_ssh"] and off["write_home"] and off["hook_create"] and off["unix_socket"], off
+    assert off["dgram_pair"] and off["dgram_socket"], off  # the checks can succeed: the filter is what stops them
+    assert datagrams_received() == [b"x", b"x"]
     Path(workspace[1] / "planted").unlink()
     Path("/etc/jail-confine-test").unlink(missing_ok=True)
     sockets = run_checks(run_jail, mode, workspace, "--allow-unix-socket", str(sock))

@@ -572,14 +572,15 @@ def apply_landlock(rules: list[tuple[str, int]], abi: int, scope_abstract: bool)
         os.close(ruleset)
 
 
-# seccomp: socket(AF_UNIX, ...) -> EACCES, io_uring_setup -> ENOSYS, other architectures' calls -> killed.
-# (arch, socket's number, connect's, seccomp's)
-AUDIT_ARCH = {"x86_64": (0xC000003E, 41, 42, 317), "aarch64": (0xC00000B7, 198, 203, 277)}
+# seccomp: socket(AF_UNIX, ...) -> EACCES, a datagram socketpair(AF_UNIX, ...) -> EACCES,
+# io_uring_setup -> ENOSYS, other architectures' calls -> killed.
+# (arch, socket's number, connect's, seccomp's, socketpair's)
+AUDIT_ARCH = {"x86_64": (0xC000003E, 41, 42, 317, 53), "aarch64": (0xC00000B7, 198, 203, 277, 199)}
 
 
 def unix_socket_syscalls(machine: str) -> tuple[int, int]:
     """socket() and connect() on MACHINE: the calls the --ssh-agent filter sends to jail's supervisor."""
-    _, nr_socket, nr_connect, _ = AUDIT_ARCH[machine]
+    _, nr_socket, nr_connect, _, _ = AUDIT_ARCH[machine]
     return nr_socket, nr_connect
 
 
@@ -593,8 +594,13 @@ SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
 X32_SYSCALL_BIT = 0x40000000
 AF_UNIX = 1
 SOCK_STREAM = 1
+SOCK_DGRAM = 2
 # connect()'s address lengths that are never a Unix socket's: sockaddr_in and sockaddr_in6.
 IP_ADDRESS_LENGTHS = (16, 28)
+# BPF: load a word of seccomp_data, jump if equal / greater or equal, and, return.
+LD, JEQ, JGE, AND, RET = 0x20, 0x15, 0x35, 0x54, 0x06
+# seccomp_data offsets: nr, arch, and the low 32 bits of args[0], args[1], args[2].
+NR, ARCH, ARG0, ARG1, ARG2 = 0, 4, 16, 24, 32
 
 
 class _SockFilter(ctypes.Structure):
@@ -605,28 +611,75 @@ class _SockFprog(ctypes.Structure):
     _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter)))
 
 
+def assemble(lines: list[tuple]) -> list[tuple[int, int, int, int]]:
+    """BPF with labels: a 1-tuple `(name,)` names the next instruction, and a jump's targets may be names
+    (resolved to the relative offsets BPF wants), so no offset is counted by hand."""
+    labels: dict[str, int] = {}
+    code: list[tuple] = []
+    for line in lines:
+        if len(line) == 1:
+            labels[line[0]] = len(code)
+        else:
+            code.append(line)
+
+    def offset(pc: int, target: int | str) -> int:
+        return labels[target] - pc - 1 if isinstance(target, str) else target
+
+    return [(op, offset(pc, jt), offset(pc, jf), k) for pc, (op, jt, jf, k) in enumerate(code)]
+
+
+def _preamble(arch: int) -> list[tuple]:
+    """Other architectures' calls kill; x32 calls are refused; io_uring (which could open sockets past
+    seccomp) is not there."""
+    return [
+        (LD, 0, 0, ARCH),
+        (JEQ, 1, 0, arch),
+        (RET, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        (LD, 0, 0, NR),
+        (JGE, "refuse", 0, X32_SYSCALL_BIT),
+        (JEQ, "absent", 0, NR_IO_URING_SETUP),
+    ]
+
+
+def _no_datagram_pairs() -> list[tuple]:
+    """socketpair(AF_UNIX, ...): a stream or seqpacket pair reaches nothing but itself; a datagram one could
+    be connected (or sendto'd) to any datagram socket of the host by path (/dev/log, systemd's notify
+    socket)."""
+    return [
+        ("socketpair",),
+        (LD, 0, 0, ARG0),
+        (JEQ, 0, "allow", AF_UNIX),
+        (LD, 0, 0, ARG1),
+        (AND, 0, 0, 0xF),  # the type without SOCK_CLOEXEC and SOCK_NONBLOCK
+        (JEQ, "refuse", "allow", SOCK_DGRAM),
+    ]
+
+
 def unix_socket_filter(machine: str) -> list[tuple[int, int, int, int]]:
-    """The BPF program (code, jt, jf, k) that refuses socket(AF_UNIX, ...) and io_uring_setup."""
+    """The BPF program (code, jt, jf, k) that refuses socket(AF_UNIX, ...), datagram socketpairs and
+    io_uring_setup."""
     if machine not in AUDIT_ARCH:
         raise ConfineError(f"no seccomp filter for {machine}; add --allow-unix-socket or --no-fs-restrictions")
-    arch, nr_socket, _, _ = AUDIT_ARCH[machine]
-    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    arch, nr_socket, _, _, nr_socketpair = AUDIT_ARCH[machine]
     import errno
 
-    return [
-        (ld, 0, 0, 4),  # seccomp_data.arch
-        (jeq, 1, 0, arch),
-        (ret, 0, 0, SECCOMP_RET_KILL_PROCESS),
-        (ld, 0, 0, 0),  # seccomp_data.nr
-        (jge, 5, 0, X32_SYSCALL_BIT),  # x32 calls: refused
-        (jeq, 5, 0, NR_IO_URING_SETUP),
-        (jeq, 0, 2, nr_socket),
-        (ld, 0, 0, 16),  # low 32 bits of args[0]: the domain
-        (jeq, 1, 0, 1),  # AF_UNIX
-        (ret, 0, 0, SECCOMP_RET_ALLOW),
-        (ret, 0, 0, SECCOMP_RET_ERRNO | errno.EACCES),
-        (ret, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
-    ]
+    return assemble(
+        [
+            *_preamble(arch),
+            (JEQ, "socket", 0, nr_socket),
+            (JEQ, "socketpair", "allow", nr_socketpair),
+            ("socket",),
+            (LD, 0, 0, ARG0),
+            (JEQ, "refuse", "allow", AF_UNIX),
+            *_no_datagram_pairs(),
+            ("allow",),
+            (RET, 0, 0, SECCOMP_RET_ALLOW),
+            ("refuse",),
+            (RET, 0, 0, SECCOMP_RET_ERRNO | errno.EACCES),
+            ("absent",),
+            (RET, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
+        ]
+    )
 
 
 def agent_socket_filter(machine: str) -> list[tuple[int, int, int, int]]:
@@ -639,32 +692,36 @@ def agent_socket_filter(machine: str) -> list[tuple[int, int, int, int]]:
     """
     if machine not in AUDIT_ARCH:
         raise ConfineError(f"no seccomp filter for {machine}; --ssh-agent is not available on it")
-    arch, nr_socket, nr_connect, _ = AUDIT_ARCH[machine]
-    ld, jeq, jge, and_, ret = 0x20, 0x15, 0x35, 0x54, 0x06
+    arch, nr_socket, nr_connect, _, nr_socketpair = AUDIT_ARCH[machine]
     import errno
 
-    return [
-        (ld, 0, 0, 4),  # 0: seccomp_data.arch
-        (jeq, 1, 0, arch),
-        (ret, 0, 0, SECCOMP_RET_KILL_PROCESS),
-        (ld, 0, 0, 0),  # 3: seccomp_data.nr
-        (jge, 13, 0, X32_SYSCALL_BIT),  # x32 calls: refused
-        (jeq, 13, 0, NR_IO_URING_SETUP),
-        (jeq, 1, 0, nr_socket),
-        (jeq, 5, 8, nr_connect),
-        (ld, 0, 0, 16),  # 8: socket's domain
-        (jeq, 0, 6, AF_UNIX),
-        (ld, 0, 0, 24),  # 10: socket's type, without SOCK_CLOEXEC and SOCK_NONBLOCK
-        (and_, 0, 0, 0xF),
-        (jeq, 4, 5, SOCK_STREAM),
-        (ld, 0, 0, 32),  # 13: connect's addrlen
-        (jeq, 1, 0, IP_ADDRESS_LENGTHS[0]),
-        (jeq, 0, 1, IP_ADDRESS_LENGTHS[1]),
-        (ret, 0, 0, SECCOMP_RET_ALLOW),  # 16
-        (ret, 0, 0, SECCOMP_RET_USER_NOTIF),
-        (ret, 0, 0, SECCOMP_RET_ERRNO | errno.EACCES),
-        (ret, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
-    ]
+    return assemble(
+        [
+            *_preamble(arch),
+            (JEQ, "socket", 0, nr_socket),
+            (JEQ, "connect", 0, nr_connect),
+            (JEQ, "socketpair", "allow", nr_socketpair),
+            ("socket",),
+            (LD, 0, 0, ARG0),
+            (JEQ, 0, "allow", AF_UNIX),
+            (LD, 0, 0, ARG1),
+            (AND, 0, 0, 0xF),
+            (JEQ, "supervise", "refuse", SOCK_STREAM),
+            ("connect",),
+            (LD, 0, 0, ARG2),  # the address length
+            (JEQ, "allow", 0, IP_ADDRESS_LENGTHS[0]),
+            (JEQ, "allow", "supervise", IP_ADDRESS_LENGTHS[1]),
+            *_no_datagram_pairs(),
+            ("allow",),
+            (RET, 0, 0, SECCOMP_RET_ALLOW),
+            ("supervise",),
+            (RET, 0, 0, SECCOMP_RET_USER_NOTIF),
+            ("refuse",),
+            (RET, 0, 0, SECCOMP_RET_ERRNO | errno.EACCES),
+            ("absent",),
+            (RET, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
+        ]
+    )
 
 
 def _fprog(program: list[tuple[int, int, int, int]]) -> _SockFprog:
