@@ -202,6 +202,18 @@ def jail_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "jail", *args]
 
 
+def weak_and_strong() -> list:
+    from jail.platform.netns import strong_mode_unavailable
+
+    unavailable = strong_mode_unavailable()
+    return [
+        pytest.param(("--weak",), id="weak"),
+        pytest.param(
+            (), id="strong", marks=pytest.mark.skipif(unavailable is not None, reason=f"strong mode: {unavailable}")
+        ),
+    ]
+
+
 @pytest.fixture
 def run_jail(jail_env: dict[str, str], test_ca_file: Path):
     """Run `jail ARGS...` to completion; `--upstream-ca` for the test CA is added unless told not to."""
@@ -253,6 +265,12 @@ class JailServer:
         return self.ca_dir / "trust" / "ca-bundle.pem"
 
 
+def server_argv(port: int, test_ca_file: Path, *args: str) -> list[str]:
+    """`jail --server` on 127.0.0.1:PORT, trusting the test CA and reaching the test upstreams."""
+    upstreams = ("--upstream-ca", str(test_ca_file), "--allow-private", f"{UPSTREAM_HOST}/32")
+    return jail_argv("--server", "--listen", f"127.0.0.1:{port}", *upstreams, *args)
+
+
 @pytest.fixture
 def jail_server(jail_env: dict[str, str], test_ca_file: Path, ca_dir: Path):
     """Start `jail --server` with the given rule flags; stopped at the end of the test."""
@@ -261,16 +279,7 @@ def jail_server(jail_env: dict[str, str], test_ca_file: Path, ca_dir: Path):
     def start(*args: str) -> JailServer:
         port = free_port()
         process = subprocess.Popen(
-            jail_argv(
-                "--server",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--upstream-ca",
-                str(test_ca_file),
-                "--allow-private",
-                f"{UPSTREAM_HOST}/32",
-                *args,
-            ),
+            server_argv(port, test_ca_file, *args),
             env=jail_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

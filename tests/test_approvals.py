@@ -18,21 +18,12 @@ import psutil
 import pytest
 
 from jail.model import Request
-from jail.platform.netns import strong_mode_unavailable
 from jail.policies.js import JsEngine
 from jail.policies.policy_file import PolicyEngine
 from jail.policies.shell import ShellEngine
-from tests.conftest import PYTHON, TEST_NAME, UPSTREAM_HOST, jail_argv, wait_for
+from tests.conftest import PYTHON, TEST_NAME, UPSTREAM_HOST, jail_argv, wait_for, weak_and_strong
 
-STRONG_UNAVAILABLE = strong_mode_unavailable()
-MODES = [
-    pytest.param(("--weak",), id="weak"),
-    pytest.param(
-        (),
-        id="strong",
-        marks=pytest.mark.skipif(STRONG_UNAVAILABLE is not None, reason=f"strong mode: {STRONG_UNAVAILABLE}"),
-    ),
-]
+MODES = weak_and_strong()
 
 
 def jail_tool(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -22,20 +22,11 @@ from typing import Any
 import psutil
 import pytest
 
-from jail.platform.netns import strong_mode_unavailable
-from tests.conftest import PYTHON, UPSTREAM_HOST, jail_argv, wait_for
+from tests.conftest import PYTHON, UPSTREAM_HOST, jail_argv, wait_for, weak_and_strong
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]
-STRONG_UNAVAILABLE = strong_mode_unavailable()
-MODES = [
-    pytest.param(("--weak",), id="weak"),
-    pytest.param(
-        (),
-        id="strong",
-        marks=pytest.mark.skipif(STRONG_UNAVAILABLE is not None, reason=f"strong mode: {STRONG_UNAVAILABLE}"),
-    ),
-]
+MODES = weak_and_strong()
 needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="headless Chromium not installed: apt-get install chromium (/usr/bin/chromium)"
 )

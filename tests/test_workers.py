@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from jail.workers import RESTART_MIN_UPTIME_SECONDS
-from tests.conftest import UPSTREAM_HOST, free_port, jail_argv, wait_for
+from tests.conftest import free_port, server_argv, wait_for
 
 REQUEST_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z [+-] GET https://\S+")
 
@@ -100,16 +100,7 @@ def start_server(jail_env, test_ca_file):
     def start(*args: str) -> tuple[subprocess.Popen, int]:
         port = free_port()
         process = subprocess.Popen(
-            jail_argv(
-                "--server",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--upstream-ca",
-                str(test_ca_file),
-                "--allow-private",
-                f"{UPSTREAM_HOST}/32",
-                *args,
-            ),
+            server_argv(port, test_ca_file, *args),
             env=jail_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
