@@ -12,13 +12,11 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mitmproxy import http, options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 from mitmproxy.proxy import layer
-from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers.http import (
     HttpStream,
     RequestHeaders,
@@ -33,6 +31,7 @@ from mitmproxy.proxy.mode_servers import ServerInstance
 
 from jail.model import JailError
 from jail.proxy.addon import PolicyAddon
+from jail.proxy.bulk import pass_bodies_through, read_in_chunks
 
 
 def skip_debug_type_checks() -> None:
@@ -44,32 +43,6 @@ def skip_debug_type_checks() -> None:
 
 def _unchecked(self: http.MessageData) -> None:
     pass
-
-
-# asyncio's selector transports receive at most 256 KiB per recv().
-BULK_READ_BYTES = 256 * 1024
-
-
-def read_in_bulk() -> None:
-    """mitmproxy reads each connection with `reader.read(65535)`, and every read travels down its whole
-    layer stack (TLS, the HTTP/1 or HTTP/2 parser, the stream state machine) and out to the other side:
-    a large body pays that trip once per 64 KiB. Here a read takes what is buffered, up to 256 KiB,
-    so a 1 GB download over plain HTTP makes a quarter of the trips (754 -> 1015 MB/s through
-    `jail --server`, measured alternately on the 2-core development VM)."""
-    if getattr(proxy_server.ConnectionIO, "jail_reads_in_bulk", False):
-        return
-
-    class BulkReadIO(proxy_server.ConnectionIO):
-        jail_reads_in_bulk = True
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            reader = self.reader
-            if isinstance(reader, asyncio.StreamReader):
-                read = reader.read
-                reader.read = lambda n=-1: read(BULK_READ_BYTES if n > 0 else n)  # type: ignore[method-assign]
-
-    proxy_server.ConnectionIO = BulkReadIO  # type: ignore[misc]
 
 
 def send_error_hook_responses() -> None:
@@ -183,7 +156,8 @@ class EmbeddedProxy:
         skip_debug_type_checks()
         send_error_hook_responses()
         frame_converted_request_bodies()
-        read_in_bulk()
+        read_in_chunks()
+        pass_bodies_through()
         # No mode of mitmproxy's own: it would bind listeners; jail serves the sockets it was given.
         opts = options.Options(confdir=str(self.settings.ca_dir), mode=[])
         self.master = Master(opts)

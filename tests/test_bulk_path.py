@@ -1,0 +1,155 @@
+"""The byte path of large bodies (jail.proxy.bulk): reads hand on the socket's own chunks, and a read wholly
+inside a Content-Length body skips h11's buffer. Neither may change what is judged or what arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from jail.proxy.bulk import BULK_READ_BYTES, ChunkReader
+from tests.conftest import UPSTREAM_HOST, wait_for
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume")
+
+
+def chunk_reader() -> tuple[ChunkReader, FakeTransport]:
+    reader = asyncio.StreamReader()
+    transport = FakeTransport()
+    reader.set_transport(transport)
+    reader.feed_data(b"already buffered ")
+    ChunkReader.adopt(reader)
+    assert isinstance(reader, ChunkReader)
+    return reader, transport
+
+
+def test_a_read_joins_small_chunks_up_to_the_bulk_size_and_splits_a_large_one():
+    async def scenario() -> None:
+        reader, _ = chunk_reader()
+        assert await reader.read(65535) == b"already buffered "
+        pieces = [bytes([n % 256]) * 1000 for n in range(300)]  # 300 kB in 1 kB receives
+        for piece in pieces:
+            reader.feed_data(piece)
+        first = await reader.read(65535)  # mitmproxy asks for 64 KiB; up to 256 KiB come
+        assert len(first) == 262000 and first == b"".join(pieces[:262])
+        assert await reader.read(65535) == b"".join(pieces[262:])
+        huge = bytes(range(256)) * 4096  # 1 MiB in one receive
+        reader.feed_data(huge)
+        reads = [await reader.read(65535) for _ in range(4)]
+        assert [len(r) for r in reads] == [BULK_READ_BYTES] * 4 and b"".join(reads) == huge
+        reader.feed_data(b"tail")
+        reader.feed_eof()
+        assert not reader.at_eof()
+        assert await reader.read(-1) == b"tail"
+        assert reader.at_eof() and await reader.read(65535) == b""
+
+    asyncio.run(scenario())
+
+
+def test_the_transport_pauses_above_twice_the_bulk_size_and_resumes_once_read():
+    async def scenario() -> None:
+        reader, transport = chunk_reader()
+        await reader.read(65535)
+        block = b"x" * BULK_READ_BYTES
+        reader.feed_data(block)
+        reader.feed_data(block)
+        assert transport.calls == []  # a 256 KiB receive must not pause the socket every time
+        reader.feed_data(b"y")
+        assert transport.calls == ["pause"]
+        await reader.read(65535)
+        assert transport.calls == ["pause"]  # still above the limit
+        await reader.read(65535)
+        assert transport.calls == ["pause", "resume"]
+
+    asyncio.run(scenario())
+
+
+def test_a_waiting_read_wakes_on_data_and_an_error_is_raised():
+    async def scenario() -> None:
+        reader, _ = chunk_reader()
+        await reader.read(65535)
+        pending = asyncio.ensure_future(reader.read(65535))
+        await asyncio.sleep(0)
+        assert not pending.done()
+        reader.feed_data(b"late")
+        assert await pending == b"late"
+        reader.set_exception(ConnectionResetError())
+        try:
+            await reader.read(65535)
+        except ConnectionResetError:
+            return
+        raise AssertionError("the reader's error was not raised")
+
+    asyncio.run(scenario())
+
+
+def request(method: str, path: str, port: int, body: bytes) -> bytes:
+    head = f"{method} http://{UPSTREAM_HOST}:{port}{path} HTTP/1.1\r\nHost: {UPSTREAM_HOST}:{port}\r\n"
+    return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def read_responses(sock: socket.socket, count: int) -> list[bytes]:
+    """The status lines of `count` responses (each with a Content-Length body)."""
+    data, statuses = b"", []
+    sock.settimeout(10)
+    while len(statuses) < count:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return statuses
+            data += chunk
+        head, data = data.split(b"\r\n\r\n", 1)
+        statuses.append(head.split(b"\r\n", 1)[0])
+        length = next(
+            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        )
+        while len(data) < length:
+            data += sock.recv(65536)
+        data = data[length:]
+    return statuses
+
+
+def test_a_read_holding_a_bodys_end_and_the_next_request_gets_the_next_request_judged(jail_server, http_upstream):
+    """The body's last bytes and a second request arrive in one read while the first body is being
+    read: the second request must be parsed and judged, never passed on as body bytes."""
+    server = jail_server("--js", "r.path.indexOf('/deny') < 0")
+    body = b"a" * 100_000
+    first = request("POST", "/upload", http_upstream.port, body)
+    second = request("POST", "/deny", http_upstream.port, b"smuggled")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(first[:-10])  # headers and all but the body's last 10 bytes
+        time.sleep(0.3)  # read apart: the proxy is now reading the body
+        sock.sendall(first[-10:] + second)
+        statuses = read_responses(sock, 2)
+    assert [s.split()[1] for s in statuses] == [b"200", b"403"], statuses
+    assert wait_for(lambda: len(http_upstream.requests) >= 1)
+    time.sleep(0.2)
+    assert [(r["path"], r["body_len"]) for r in http_upstream.requests] == [("/upload", len(body))]
+
+
+def test_a_body_sent_in_pieces_arrives_whole_and_the_connection_serves_the_next_request(jail_server, http_upstream):
+    server = jail_server("--js", "true")
+    body = bytes(range(256)) * 4000  # 1 MB, sent in uneven pieces with pauses between some
+    first = request("PUT", "/first", http_upstream.port, body)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        offset = 0
+        for size in (50, 70_000, 1, 300_000, 12_345):
+            sock.sendall(first[offset : offset + size])
+            offset += size
+            time.sleep(0.05)
+        sock.sendall(first[offset:])
+        sock.sendall(request("POST", "/second", http_upstream.port, b"next"))
+        statuses = read_responses(sock, 2)
+    assert [s.split()[1] for s in statuses] == [b"200", b"200"], statuses
+    got = [(r["path"], r["body_len"]) for r in http_upstream.requests]
+    assert got == [("/first", len(body)), ("/second", 4)], got
