@@ -7,7 +7,13 @@ import asyncio
 import socket
 import time
 
-from jail.proxy.bulk import BULK_READ_BYTES, ChunkReader
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
+
+from jail.proxy.bulk import BULK_READ_BYTES, ChunkReader, frame_h2_data_in_runs
 from tests.conftest import UPSTREAM_HOST, wait_for
 
 
@@ -153,3 +159,47 @@ def test_a_body_sent_in_pieces_arrives_whole_and_the_connection_serves_the_next_
     assert [s.split()[1] for s in statuses] == [b"200", b"200"], statuses
     got = [(r["path"], r["body_len"]) for r in http_upstream.requests]
     assert got == [("/first", len(body)), ("/second", 4)], got
+
+
+def h2_wire(send_data, client_window: int, connection_window: int, body: bytes) -> tuple[bytes, bytes, list[int], bool]:
+    """What mitmproxy's server-side HTTP/2 connection sends a client with a small window when `send_data`
+    gives it `body` and the stream ends: (the wire bytes, what the client received, its frame sizes,
+    whether the stream ended). The client acknowledges what it gets, which opens its window again."""
+    server = BufferedH2Connection(h2.config.H2Configuration(client_side=False))
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: client_window})
+    if connection_window > 65_535:  # HTTP/2's initial window for the connection
+        client.increment_flow_control_window(connection_window - 65_535)
+    server.initiate_connection()
+    for receiver, sender in ((server, client), (client, server), (server, client)):
+        receiver.receive_data(sender.data_to_send())
+    stream_id = client.get_next_available_stream_id()
+    client.send_headers(stream_id, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "x")])
+    server.receive_data(client.data_to_send())
+    server.send_headers(stream_id, [(":status", "200")])
+    send_data(server, stream_id, body)
+    server.end_stream(stream_id)
+    wire, received, frame_sizes, ended = b"", b"", [], False
+    while chunk := server.data_to_send():
+        wire += chunk
+        for event in client.receive_data(chunk):
+            if isinstance(event, h2.events.DataReceived):
+                received += event.data
+                frame_sizes.append(len(event.data))
+                client.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            ended = ended or isinstance(event, h2.events.StreamEnded)
+        server.receive_data(client.data_to_send())
+    return wire, received, frame_sizes, ended
+
+
+def test_an_http2_body_in_runs_of_frames_is_what_mitmproxy_sends_frame_by_frame():
+    frame_h2_data_in_runs()
+    runs = BufferedH2Connection.send_data
+    body = bytes(range(256)) * 4096  # 1 MiB: more than the client's window
+    # The stream's window or the connection's sets how far a run goes.
+    for windows in ((300_000, 8 << 20), (40_000, 8 << 20), (4 << 20, 65_535), (4 << 20, 200_000)):
+        wire, received, sizes, ended = h2_wire(runs, *windows, body)
+        assert received == body and ended
+        assert max(sizes) == 16384 and sum(sizes) == len(body)
+        assert wire == h2_wire(runs.jail_original, *windows, body)[0], windows  # byte for byte
