@@ -4,16 +4,22 @@ inside a Content-Length body skips h11's buffer. Neither may change what is judg
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
+from types import SimpleNamespace
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
+from mitmproxy.proxy.layers.tls import TLSLayer
+from OpenSSL import SSL
 
-from jail.proxy.bulk import BULK_READ_BYTES, ChunkReader, frame_h2_data_in_runs
+from jail.proxy.bulk import BULK_READ_BYTES, ChunkReader, frame_h2_data_in_runs, send_tls_output_whole
 from tests.conftest import UPSTREAM_HOST, wait_for
 
 
@@ -203,3 +209,39 @@ def test_an_http2_body_in_runs_of_frames_is_what_mitmproxy_sends_frame_by_frame(
         assert received == body and ended
         assert max(sizes) == 16384 and sum(sizes) == len(body)
         assert wire == h2_wire(runs.jail_original, *windows, body)[0], windows  # byte for byte
+
+
+def tls_pair(test_ca) -> tuple[SSL.Connection, SSL.Connection]:
+    """Two pyOpenSSL ends over memory BIOs, as mitmproxy's TLS layers hold them, past their handshake."""
+    server_context = SSL.Context(SSL.TLS_METHOD)
+    cert = test_ca.issue_cert("jail.test")
+    server_context.use_certificate(x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()))
+    server_context.use_privatekey(serialization.load_pem_private_key(cert.private_key_pem.bytes(), None))
+    server, client = SSL.Connection(server_context), SSL.Connection(SSL.Context(SSL.TLS_METHOD))
+    server.set_accept_state()
+    client.set_connect_state()
+    for _ in range(4):
+        for end, peer in ((client, server), (server, client)):
+            with contextlib.suppress(SSL.WantReadError):
+                end.do_handshake()
+            with contextlib.suppress(SSL.WantReadError):
+                while True:
+                    peer.bio_write(end.bio_read(1 << 20))
+    return server, client
+
+
+def test_what_tls_encrypted_leaves_in_one_write(test_ca):
+    send_tls_output_whole()
+    server, client = tls_pair(test_ca)
+    layer = SimpleNamespace(tls=server, conn=object())
+    plaintext = bytes(range(256)) * 1024  # 256 KiB: sixteen records, more than mitmproxy's 64 KiB reads
+    server.sendall(plaintext)
+    commands = list(TLSLayer.tls_interact(layer))
+    assert len(commands) == 1 and commands[0].connection is layer.conn
+    client.bio_write(commands[0].data)
+    received = b""
+    with contextlib.suppress(SSL.WantReadError):
+        while True:
+            received += client.recv(1 << 20)
+    assert received == plaintext
+    assert list(TLSLayer.tls_interact(layer)) == []  # nothing waiting: no empty write

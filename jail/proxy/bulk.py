@@ -17,16 +17,20 @@ from typing import Any
 
 from h2.connection import H2Connection
 from h11._readers import ContentLengthReader
-from mitmproxy.proxy import events, layer
+from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy import server as proxy_server
 from mitmproxy.proxy.layers.http import ReceiveHttp
 from mitmproxy.proxy.layers.http._http1 import Http1Connection
 from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
+from mitmproxy.proxy.layers.tls import TLSLayer
+from OpenSSL import SSL
 
 # asyncio's selector transports receive at most 256 KiB per recv().
 BULK_READ_BYTES = 256 * 1024
 # An HTTP/2 frame header's type (DATA) and flags (none) bytes.
 DATA_FRAME_NO_FLAGS = b"\x00\x00"
+# What one read of OpenSSL's output BIO takes (mitmproxy: 64 KiB); more than a 256 KiB read encrypts to.
+TLS_OUTPUT_READ_BYTES = 1 << 20
 
 
 class ChunkReader(asyncio.StreamReader):
@@ -181,10 +185,9 @@ def frame_h2_data_in_runs() -> None:
         H2Connection.send_data(self, stream_id, data[:size])
         header = size.to_bytes(3, "big") + DATA_FRAME_NO_FLAGS + stream_id.to_bytes(4, "big")
         view = memoryview(data)
-        out = self._data_to_send
-        for start in range(size, run, size):
-            out += header
-            out += view[start : start + size]
+        frames = [part for start in range(size, run, size) for part in (header, view[start : start + size])]
+        # One copy, behind what h2 holds (the first frame): `+=` frame by frame reallocated again and again.
+        self._data_to_send = bytearray().join([self._data_to_send, *frames])
         self.streams[stream_id].outbound_flow_control_window -= run - size
         self.outbound_flow_control_window -= run - size
         if run < len(data) or end_stream:
@@ -193,3 +196,24 @@ def frame_h2_data_in_runs() -> None:
     send_data.jail_frames_runs = True  # type: ignore[attr-defined]
     send_data.jail_original = original  # type: ignore[attr-defined]  # the tests compare the wire bytes
     BufferedH2Connection.send_data = send_data  # type: ignore[method-assign]
+
+
+def send_tls_output_whole() -> None:
+    """mitmproxy takes what OpenSSL encrypted out of the memory BIO 64 KiB at a time, and each piece is
+    a write to the socket of its own (a system call, and on loopback the peer's TCP receive work): a
+    256 KiB read of plaintext went out in five. Here all that is waiting leaves in one write."""
+    if getattr(TLSLayer.tls_interact, "jail_sends_whole", False):
+        return
+
+    def tls_interact(self: TLSLayer) -> layer.CommandGenerator[None]:
+        pieces = []
+        while True:
+            try:
+                pieces.append(self.tls.bio_read(TLS_OUTPUT_READ_BYTES))
+            except SSL.WantReadError:
+                break
+        if pieces:
+            yield commands.SendData(self.conn, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+
+    tls_interact.jail_sends_whole = True  # type: ignore[attr-defined]
+    TLSLayer.tls_interact = tls_interact  # type: ignore[method-assign]
