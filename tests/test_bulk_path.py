@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -13,6 +15,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
@@ -245,3 +248,42 @@ def test_what_tls_encrypted_leaves_in_one_write(test_ca):
             received += client.recv(1 << 20)
     assert received == plaintext
     assert list(TLSLayer.tls_interact(layer)) == []  # nothing waiting: no empty write
+
+
+HEAP_PROBE = """
+import ctypes, sys
+from jail.proxy.bulk import keep_freed_memory
+if sys.argv[1] == "keep":
+    keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def heap():
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith("[heap]"):
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            return start, end
+
+# First (glibc's defaults move with the first mapped block freed): 2 MB at the heap's top, freed.
+blocks = [libc.malloc(100 << 10) for _ in range(20)]
+grown = heap()[1]
+for block in reversed(blocks):
+    libc.free(block)
+kept = heap()[1] >= grown  # or the top was given back
+block = libc.malloc(2 << 20)  # on the heap, or mapped apart
+start, end = heap()
+print(start <= block < end, kept)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap, seen in /proc/self/maps")
+@pytest.mark.parametrize("keep", [True, False])
+def test_freed_blocks_stay_on_the_heap(keep):
+    """A 2 MiB block comes from the heap and stays there once freed (the next one needs no fresh pages);
+    glibc's defaults map it apart, or give the heap's top back."""
+    probe = subprocess.run(
+        [sys.executable, "-c", HEAP_PROBE, "keep" if keep else "defaults"], capture_output=True, text=True
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == [str(keep), str(keep)], probe.stdout

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 from typing import Any
 
 from h2.connection import H2Connection
@@ -217,3 +218,27 @@ def send_tls_output_whole() -> None:
 
     tls_interact.jail_sends_whole = True  # type: ignore[attr-defined]
     TLSLayer.tls_interact = tls_interact  # type: ignore[method-assign]
+
+
+# glibc's mallopt(3) parameters.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+# Freed memory glibc keeps at the top of the heap, and the size from which it maps a block apart.
+KEPT_HEAP_BYTES = 32 << 20
+MAPPED_BLOCK_BYTES = 4 << 20
+
+
+def keep_freed_memory() -> None:
+    """Bulk transfers allocate and free blocks of 256 KiB to 1 MiB at a high rate. glibc's defaults give
+    such a block back to the kernel when it is freed (the heap's top shrinks, or the block was mapped
+    apart) and take fresh pages, which the kernel must zero, for the next: in one transfer out of two or
+    three the proxy spent half its time in `brk`, page faults and clearing, and an HTTPS download ran at
+    300 MB/s instead of 800 (the same code). Kept, the heap serves the next block from memory already
+    paged in; it costs at most KEPT_HEAP_BYTES of resident memory more."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (or no mallopt): its allocator's defaults stay
+        return
+    mallopt(M_MMAP_THRESHOLD, MAPPED_BLOCK_BYTES)
+    mallopt(M_TRIM_THRESHOLD, KEPT_HEAP_BYTES)

@@ -31,7 +31,13 @@ from mitmproxy.proxy.mode_servers import ServerInstance
 
 from jail.model import JailError
 from jail.proxy.addon import PolicyAddon
-from jail.proxy.bulk import frame_h2_data_in_runs, pass_bodies_through, read_in_chunks, send_tls_output_whole
+from jail.proxy.bulk import (
+    frame_h2_data_in_runs,
+    keep_freed_memory,
+    pass_bodies_through,
+    read_in_chunks,
+    send_tls_output_whole,
+)
 
 
 def skip_debug_type_checks() -> None:
@@ -160,6 +166,7 @@ class EmbeddedProxy:
         pass_bodies_through()
         frame_h2_data_in_runs()
         send_tls_output_whole()
+        keep_freed_memory()
         # No mode of mitmproxy's own: it would bind listeners; jail serves the sockets it was given.
         opts = options.Options(confdir=str(self.settings.ca_dir), mode=[])
         self.master = Master(opts)
