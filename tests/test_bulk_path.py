@@ -4,6 +4,7 @@ inside a Content-Length body skips h11's buffer. Neither may change what is judg
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import hyperframe.frame
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -22,7 +24,14 @@ from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
 from mitmproxy.proxy.layers.tls import TLSLayer
 from OpenSSL import SSL
 
-from jail.proxy.bulk import BULK_READ_BYTES, ChunkReader, frame_h2_data_in_runs, send_tls_output_whole
+from jail.proxy.bulk import (
+    BULK_READ_BYTES,
+    ChunkReader,
+    describe_frames_cheaply,
+    frame_h2_data_in_runs,
+    join_h2_data_frames,
+    send_tls_output_whole,
+)
 from tests.conftest import UPSTREAM_HOST, wait_for
 
 
@@ -287,3 +296,49 @@ def test_freed_blocks_stay_on_the_heap(keep):
     )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split() == [str(keep), str(keep)], probe.stdout
+
+
+def test_a_data_frames_description_is_hyperframes_own():
+    describe_frames_cheaply()
+    for size in (0, 1, 9, 10, 11, 12, 16384):
+        data = bytes(range(256))[:size] if size <= 256 else b"\xab" * size
+        full = binascii.hexlify(data).decode()
+        expected = "None" if not data else f"<hex:{full[:20] + '...' if len(full) > 20 else full}>"
+        assert hyperframe.frame._raw_data_repr(data) == expected
+        if data:
+            frame = hyperframe.frame.DataFrame(1, data)
+            assert repr(frame).endswith(f"data={expected}>") or expected in repr(frame)
+
+
+def test_data_frames_of_one_stream_in_one_read_go_on_as_one_with_their_flow_control_credit():
+    join_h2_data_frames()
+    server = BufferedH2Connection(h2.config.H2Configuration(client_side=False))
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    server.initiate_connection()
+    for receiver, sender in ((server, client), (client, server), (server, client)):
+        receiver.receive_data(sender.data_to_send())
+    headers = [(":method", "PUT"), (":path", "/"), (":scheme", "https"), (":authority", "x")]
+    first, second = client.get_next_available_stream_id(), 0
+    client.send_headers(first, headers)
+    second = client.get_next_available_stream_id()
+    client.send_headers(second, headers)
+    server.receive_data(client.data_to_send())
+    pieces = [bytes([n]) * 10_000 for n in range(5)]
+    for piece in pieces[:3]:
+        client.send_data(first, piece)
+    client.send_data(second, b"other stream")  # not joined across streams
+    client.send_data(first, pieces[3])
+    client.send_data(first, pieces[4], end_stream=True)
+    events = server.receive_data(client.data_to_send())
+    data_events = [
+        (e.stream_id, e.data, e.flow_controlled_length) for e in events if isinstance(e, h2.events.DataReceived)
+    ]
+    assert data_events == [
+        (first, b"".join(pieces[:3]), 30_000),
+        (second, b"other stream", 12),
+        (first, b"".join(pieces[3:]), 20_000),
+    ]
+    ended = [e for e in events if isinstance(e, h2.events.StreamEnded)]
+    assert [e.stream_id for e in ended] == [first]
+    assert events[-2].stream_ended is ended[0]  # the joined event says it ended the stream

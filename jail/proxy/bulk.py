@@ -12,10 +12,13 @@ audit's byte counts, `max_tx_bytes` and secret masking work as before.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import collections
 import ctypes
 from typing import Any
 
+import h2.events
+import hyperframe.frame
 from h2.connection import H2Connection
 from h11._readers import ContentLengthReader
 from mitmproxy.proxy import commands, events, layer
@@ -32,6 +35,8 @@ BULK_READ_BYTES = 256 * 1024
 DATA_FRAME_NO_FLAGS = b"\x00\x00"
 # What one read of OpenSSL's output BIO takes (mitmproxy: 64 KiB); more than a 256 KiB read encrypts to.
 TLS_OUTPUT_READ_BYTES = 1 << 20
+# The bytes hyperframe's repr of a frame shows (20 hex digits).
+REPR_BYTES = 10
 
 
 class ChunkReader(asyncio.StreamReader):
@@ -242,3 +247,62 @@ def keep_freed_memory() -> None:
         return
     mallopt(M_MMAP_THRESHOLD, MAPPED_BLOCK_BYTES)
     mallopt(M_TRIM_THRESHOLD, KEPT_HEAP_BYTES)
+
+
+def describe_frames_cheaply() -> None:
+    """h2 writes `repr(frame)` for every frame it receives (to a trace logger that drops it), and
+    hyperframe's repr of a DATA frame hex-encodes all of its bytes to show the first ten: a quarter of
+    the proxy's time in a large HTTP/2 upload (hyperframe 6.0 and 6.1 alike). The same text, from the
+    bytes it shows."""
+    if getattr(hyperframe.frame._raw_data_repr, "jail_cheap", False):
+        return
+
+    def _raw_data_repr(data: bytes | None) -> str:
+        if not data:
+            return "None"
+        shown = binascii.hexlify(data[: REPR_BYTES + 1]).decode("ascii")  # one more: it says "..." or not
+        if len(shown) > 2 * REPR_BYTES:
+            shown = shown[: 2 * REPR_BYTES] + "..."
+        return "<hex:" + shown + ">"
+
+    _raw_data_repr.jail_cheap = True  # type: ignore[attr-defined]
+    hyperframe.frame._raw_data_repr = _raw_data_repr
+
+
+def join_h2_data_frames() -> None:
+    """A read of an HTTP/2 upload holds some sixteen DATA frames, and mitmproxy passes each on by itself:
+    an event down the layers, a TLS write and a system call to the server per 16 KiB. Frames of one
+    stream that follow each other in a read go on as one event, the flow-control credit they carry
+    summed (h2 acknowledges the same bytes)."""
+    if getattr(BufferedH2Connection.receive_data, "jail_joins_frames", False):
+        return
+    original = BufferedH2Connection.receive_data
+
+    def receive_data(self: BufferedH2Connection, data: bytes) -> list[h2.events.Event]:
+        joined: list[h2.events.Event] = []
+        pieces: list[bytes] = []
+        for event in original(self, data):
+            previous = joined[-1] if joined else None
+            if (
+                isinstance(event, h2.events.DataReceived)
+                and isinstance(previous, h2.events.DataReceived)
+                and previous.stream_id == event.stream_id
+                and previous.stream_ended is None
+            ):
+                pieces.append(event.data)
+                previous.flow_controlled_length += event.flow_controlled_length
+                previous.stream_ended = event.stream_ended
+                continue
+            if pieces:
+                assert isinstance(previous, h2.events.DataReceived)
+                previous.data = b"".join([previous.data, *pieces])
+                pieces = []
+            joined.append(event)
+        if pieces:
+            last = joined[-1]
+            assert isinstance(last, h2.events.DataReceived)
+            last.data = b"".join([last.data, *pieces])
+        return joined
+
+    receive_data.jail_joins_frames = True  # type: ignore[attr-defined]
+    BufferedH2Connection.receive_data = receive_data  # type: ignore[method-assign]

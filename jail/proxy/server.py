@@ -32,7 +32,9 @@ from mitmproxy.proxy.mode_servers import ServerInstance
 from jail.model import JailError
 from jail.proxy.addon import PolicyAddon
 from jail.proxy.bulk import (
+    describe_frames_cheaply,
     frame_h2_data_in_runs,
+    join_h2_data_frames,
     keep_freed_memory,
     pass_bodies_through,
     read_in_chunks,
@@ -167,6 +169,8 @@ class EmbeddedProxy:
         frame_h2_data_in_runs()
         send_tls_output_whole()
         keep_freed_memory()
+        describe_frames_cheaply()
+        join_h2_data_frames()
         # No mode of mitmproxy's own: it would bind listeners; jail serves the sockets it was given.
         opts = options.Options(confdir=str(self.settings.ca_dir), mode=[])
         self.master = Master(opts)
