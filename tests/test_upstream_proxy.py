@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -17,9 +18,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import UPSTREAM_HOST, Upstream, free_port, jail_argv, start_upstream, wait_for
+from tests.conftest import (
+    PYTHON,
+    UPSTREAM_HOST,
+    Upstream,
+    free_port,
+    jail_argv,
+    map_names,
+    start_upstream,
+    unmap_names,
+    wait_for,
+)
+from tests.test_tcp_streams import BANNER, BannerServer
 
 BEHIND_PROXY = "127.0.0.3"
+HIDDEN_NAME = "jail-behind-proxy.test"
 
 
 def start_upstream_on(address: str, scheme: str, context: ssl.SSLContext | None) -> Upstream:
@@ -49,12 +62,23 @@ def origin_url(origin: Upstream, path: str = "/") -> str:
 
 
 @pytest.fixture(scope="module")
-def direct_route_closed(hidden_origins: tuple[Upstream, Upstream]) -> Iterator[None]:
+def hidden_banner() -> Iterator[BannerServer]:
+    """A server-first TCP service (SSH's shape) behind the proxy, reached by name."""
+    server = BannerServer()
+    lines = [f"{BEHIND_PROXY} {HIDDEN_NAME}"]
+    map_names(lines)
+    yield server
+    unmap_names(lines)
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def direct_route_closed(hidden_origins: tuple[Upstream, Upstream], hidden_banner: BannerServer) -> Iterator[None]:
     """Root (jail) cannot reach the hidden origins; nobody (tinyproxy) can."""
     if os.geteuid() != 0 or shutil.which("nft") is None:
         pytest.skip("closing the direct route needs root and nft")
     table = f"jailtest_proxy_{os.getpid()}"
-    ports = ", ".join(str(origin.port) for origin in hidden_origins)
+    ports = ", ".join(str(port) for port in (*(origin.port for origin in hidden_origins), hidden_banner.port))
     rules = (
         f"table inet {table} {{\n chain out {{\n type filter hook output priority 0; policy accept;\n"
         f" meta skuid 0 ip daddr {BEHIND_PROXY} tcp dport {{ {ports} }} reject with tcp reset\n }}\n}}\n"
@@ -312,3 +336,110 @@ def test_no_proxy_entries() -> None:
     assert proxies.route("http", "example.com", 80).address == ("proxy.corp", 8080)
     assert proxies.route("https", "host.local", 443) is None
     assert not UpstreamProxies.configure(None, {"HTTPS_PROXY": "socks5://proxy:1080"})  # skipped, not fatal
+
+
+def tunnel_and_talk(jail: JailProxy, host: str, port: int) -> tuple[bytes, bytes]:
+    """A client that CONNECTs through jail and waits for the server to speak: (jail's answer, what the
+    server said and then answered to `hello`)."""
+    with socket.create_connection(("127.0.0.1", jail.port), timeout=10) as sock:
+        sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+        head, _, said = answer.partition(b"\r\n\r\n")
+        try:
+            while len(said) < len(BANNER) and (chunk := sock.recv(4096)):
+                said += chunk
+            sock.sendall(b"hello")
+            said += sock.recv(5)
+        except OSError:
+            pass
+        return head.split(b"\r\n", 1)[0], said
+
+
+def test_tcp_streams_in_a_tunnel_go_through_the_corporate_proxy(
+    hidden_banner, direct_route_closed, tinyproxy, jail_proxy
+) -> None:
+    corporate = tinyproxy()
+    jail = jail_proxy(f"r.scheme !== 'tcp' || r.host === '{HIDDEN_NAME}'", env={"HTTPS_PROXY": corporate.url()})
+    status, said = tunnel_and_talk(jail, HIDDEN_NAME, hidden_banner.port)
+    assert b" 200" in status and said == BANNER + b"HELLO", (status, said)
+    assert f"CONNECT {HIDDEN_NAME}:{hidden_banner.port} HTTP/1.1" in corporate.requests()
+    # A stream the rule denies reaches neither the proxy nor the server.
+    before = len(corporate.requests())
+    status, said = tunnel_and_talk(jail, BEHIND_PROXY, hidden_banner.port)
+    assert BANNER not in said
+    assert wait_for(lambda: len([r for r in jail.records() if r["scheme"] == "tcp"]) == 2)
+    assert len(corporate.requests()) == before
+    allowed, denied = [r for r in jail.records() if r["scheme"] == "tcp"]
+    assert (allowed["decision"], allowed["via"], allowed["bytes_down"]) == (
+        "allow",
+        f"127.0.0.1:{corporate.port}",
+        len(BANNER) + 5,
+    )
+    assert denied["decision"] == "deny" and denied.get("via", "") == ""
+
+
+def test_a_proxy_that_refuses_the_stream_is_one_line_in_the_log(
+    hidden_banner, direct_route_closed, tinyproxy, jail_proxy
+) -> None:
+    corporate = tinyproxy(basic_auth="corp secret")  # jail has no credentials for it: 407
+    jail = jail_proxy("true", env={"HTTPS_PROXY": corporate.url()})
+    _, said = tunnel_and_talk(jail, HIDDEN_NAME, hidden_banner.port)
+    assert BANNER not in said
+    assert wait_for(lambda: any(r["scheme"] == "tcp" for r in jail.records()))
+    (record,) = [r for r in jail.records() if r["scheme"] == "tcp"]
+    outcome = (record["decision"], record["reason_code"], record["end"], record["bytes_down"])
+    assert outcome == ("allow", "upstream_proxy", "refused", 0), record
+    assert "407" in record["error"] and HIDDEN_NAME in record["error"], record
+
+
+STRONG_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+said = b""
+while len(said) < int(sys.argv[3]) and (chunk := s.recv(4096)):
+    said += chunk
+s.sendall(b"hello")
+said += s.recv(5)
+print(said.decode())
+"""
+
+
+def test_redirected_streams_of_the_strong_mode_go_through_the_corporate_proxy(
+    hidden_banner, direct_route_closed, tinyproxy, run_jail, tmp_path
+) -> None:
+    from jail.platform.netns import strong_mode_unavailable
+
+    if (reason := strong_mode_unavailable()) is not None:
+        pytest.skip(f"strong mode unavailable: {reason}")
+    corporate = tinyproxy()
+    audit = tmp_path / "audit.jsonl"
+    result = run_jail(
+        "--audit-log", str(audit), "--allow-private", f"{BEHIND_PROXY}/32", "--upstream-proxy", corporate.url(),
+        "--js", "true", "--", PYTHON, "-c", STRONG_CLIENT, HIDDEN_NAME, str(hidden_banner.port), str(len(BANNER)),
+    )  # fmt: skip
+    assert result.stdout == BANNER.decode().replace("\r\n", "\n") + "HELLO\n", result.stdout + result.stderr
+    assert f"CONNECT {HIDDEN_NAME}:{hidden_banner.port} HTTP/1.1" in corporate.requests()
+    (record,) = [r for r in map(json.loads, audit.read_text().splitlines()) if r.get("scheme") == "tcp"]
+    assert (record["host"], record["via"], record["bytes_up"]) == (HIDDEN_NAME, f"127.0.0.1:{corporate.port}", 5)
+
+
+def test_a_strong_mode_stream_the_proxy_refuses_is_closed_and_logged(
+    hidden_banner, direct_route_closed, tinyproxy, run_jail, tmp_path
+) -> None:
+    from jail.platform.netns import strong_mode_unavailable
+
+    if (reason := strong_mode_unavailable()) is not None:
+        pytest.skip(f"strong mode unavailable: {reason}")
+    corporate = tinyproxy(basic_auth="corp secret")  # jail has no credentials for it: 407
+    audit = tmp_path / "audit.jsonl"
+    result = run_jail(
+        "--audit-log", str(audit), "--allow-private", f"{BEHIND_PROXY}/32", "--upstream-proxy", corporate.url(),
+        "--js", "true", "--", PYTHON, "-c", STRONG_CLIENT, HIDDEN_NAME, str(hidden_banner.port), str(len(BANNER)),
+    )  # fmt: skip
+    assert "jail test banner" not in result.stdout
+    (record,) = [r for r in map(json.loads, audit.read_text().splitlines()) if r.get("scheme") == "tcp"]
+    outcome = (record["decision"], record["reason_code"], record["end"], record["via"])
+    assert outcome == ("allow", "upstream_proxy", "refused", f"127.0.0.1:{corporate.port}"), record
+    assert "407" in record["error"], record

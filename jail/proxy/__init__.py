@@ -56,7 +56,8 @@ async def start_proxy(
     from jail.proxy.addon import PolicyAddon
 
     settings = server.ProxySettings(ca.directory, regular, transparent, ca.write_upstream_trust(trust, workdir))
-    proxy = server.EmbeddedProxy(settings, PolicyAddon(decide, audit, guard, vault, upstream, clients))
+    policy = PolicyAddon(decide, audit, guard, vault, upstream, clients)
+    proxy = server.EmbeddedProxy(settings, policy)
     await proxy.start()
     if transparent is None:
         return proxy.stop
@@ -64,7 +65,8 @@ async def start_proxy(
     from jail.proxy.streams import RedirectedConnections, TcpStreams
 
     assert proxy.redirected is not None
-    streams = TcpStreams(decide, audit, guard, names or SyntheticNames())
+    # The policy's upstream, once it has dropped a proxy that is jail itself (it knows its own address).
+    streams = TcpStreams(decide, audit, guard, names or SyntheticNames(), policy.upstream)
     redirected = RedirectedConnections(transparent, streams, proxy.redirected)
     redirected.start()
 

@@ -36,8 +36,9 @@ from mitmproxy import connection, ctx, http, tcp
 from mitmproxy.net import encoding
 from mitmproxy.net.http import url
 from mitmproxy.net.http.http1 import expected_http_body_size
-from mitmproxy.proxy import events, layer, layers, server_hooks
+from mitmproxy.proxy import events, layer, layers, server_hooks, tunnel
 from mitmproxy.proxy.layers import tls
+from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
 from mitmproxy.proxy.mode_specs import RegularMode, TransparentMode
 
 from jail.audit import (
@@ -208,6 +209,16 @@ def connect_failure(message: str, target: str) -> UpstreamFailure | None:
     return UpstreamFailure(code, f"cannot connect to {target}: {meaning}")
 
 
+def proxy_failure(message: str, target: str, via: str) -> UpstreamFailure | None:
+    """The upstream proxy's failure, as mitmproxy reports it: its refusal of the CONNECT for `target`, or
+    a failed dial of the proxy itself; None if `message` is neither."""
+    if message.startswith("Upstream proxy"):
+        return UpstreamFailure("upstream_proxy", f"{message} (for {target})")
+    if (failure := connect_failure(message, f"the upstream proxy {via}")) is not None:
+        return UpstreamFailure("upstream_proxy", failure.cause)
+    return None
+
+
 def failure_response(request: Request, failure: UpstreamFailure) -> http.Response:
     """The deny body's shape: agents read it and adapt."""
     body = f"jail: upstream failed for {request.method} {request.url}\nreason: {failure.cause}\n"
@@ -359,9 +370,12 @@ class Stream:
     started: float
     request: Request
     decision: Decision
-    # The address the guard chose (or refused); empty when nothing may be dialled.
+    # The address the guard chose (or refused), the name itself through an upstream proxy (which resolves
+    # it); empty when nothing may be dialled.
     address: str = ""
     failure: UpstreamFailure | None = None
+    # The upstream proxy the stream is tunnelled through (its CONNECT), if any.
+    via: ProxyServer | None = None
     bytes_up: int = 0
     bytes_down: int = 0
     opening: StreamOpening = field(default_factory=StreamOpening)
@@ -681,11 +695,27 @@ class PolicyAddon:
     def next_layer(self, data: layer.NextLayer) -> None:
         """A silent tunnel's first layer: a TCP stream (judged in `tcp_start`) when the wait ended it,
         else what mitmproxy's own next_layer addon (before this one) chose from the client's bytes."""
-        if (silence := self.silent_tunnels.pop(data.context.client.id, None)) is None:
+        if (silence := self.silent_tunnels.pop(data.context.client.id, None)) is not None:
+            silence.cancel()
+            if not data.data_client():
+                data.layer = layers.TCPLayer(data.context)
+        if isinstance(data.layer, layers.TCPLayer):
+            self._tunnel_through_upstream(data)
+
+    def _tunnel_through_upstream(self, data: layer.NextLayer) -> None:
+        """A plain TCP stream in a CONNECT tunnel leaves through the upstream proxy, as HTTPS does: the
+        stream's server connection goes through the proxy's CONNECT (mitmproxy's own upstream tunnel)."""
+        server = data.context.server
+        if data.context.client.tls or server.address is None or server.via is not None:
             return
-        silence.cancel()
-        if not data.data_client():
-            data.layer = layers.TCPLayer(data.context)
+        proxy = self.upstream.route("tcp", normalize_host(str(server.address[0])), server.address[1])
+        if proxy is None:
+            return
+        server.via = ("http", proxy.address)
+        stack = tunnel.LayerStack()
+        stack /= HttpUpstreamProxy.make(data.context, True)
+        stack /= data.layer
+        data.layer = stack[0]
 
     async def tcp_start(self, flow: tcp.TCPFlow) -> None:
         """A CONNECT tunnel that carries neither TLS nor HTTP: the stream is judged once (unless it was at
@@ -702,7 +732,8 @@ class PolicyAddon:
         self.unrecorded.add(stream)
         if stream.dialable:
             flow.server_conn.address = (stream.address, stream.request.port)
-            self.destinations.permit(flow.client_conn.id, stream.address, stream.request.port, stream.request.host)
+            dialled = stream.via.address if stream.via else (stream.address, stream.request.port)
+            self.destinations.permit(flow.client_conn.id, *dialled, stream.request.host)
 
     async def _judge_stream(self, client: connection.Client, host: str, port: int) -> Stream:
         """The rule's decision on `tcp://host:port`, then the address guard's (the same checks as for HTTP)."""
@@ -715,6 +746,14 @@ class PolicyAddon:
         decision = await self.decide(request)
         if not decision.allow:
             return Stream(started, request, decision)
+        if (proxy := self.upstream.route(request.scheme, request.host, request.port)) is not None:
+            # The proxy resolves the name; the guard checks what it can know here (as for HTTPS).
+            if (screened := await self.guard.screen(request.host, request.port)) is not None:
+                guarded = Decision.denied(screened.reason, screened.reason_code).stamped(
+                    decision.engine, decision.rule_us
+                )
+                return Stream(started, request, guarded, address=screened.address)
+            return Stream(started, request, decision, address=request.host, via=proxy)
         address, refusal = await self.guard.choose(request.host, request.port)
         if refusal is not None and refusal.reason_code == "resolve_failed":
             return Stream(started, request, decision, failure=UpstreamFailure("upstream_dns", refusal.reason))
@@ -767,6 +806,9 @@ class PolicyAddon:
             end, status, error = STREAM_END_DENIED, 403, ""
         elif stream.failure is not None:
             end, status, error = STREAM_END_REFUSED, 502, stream.failure.cause
+        elif stream.via and (failure := proxy_failure(error, stream.request.authority, str(stream.via))):
+            stream.failure = failure
+            end, status, error = STREAM_END_REFUSED, 502, failure.cause
         elif error:
             failure = connect_failure(error, stream.request.authority)
             refused = failure is not None and stream.bytes_up + stream.bytes_down == 0
@@ -779,7 +821,8 @@ class PolicyAddon:
             bytes_down=stream.bytes_down,
             duration_ms=(time.time() - stream.started) * 1000,
             error=error,
-            address=stream.address,
+            address="" if stream.via else stream.address,
+            via=str(stream.via or ""),
             reason_code=stream.failure.reason_code if stream.failure else "",
             end=end,
         )
@@ -874,11 +917,8 @@ class PolicyAddon:
             detail = message.removeprefix("Certificate verify failed: ")
             cause = f"TLS verification of {target} failed: {detail} ({presented}); {TLS_HINT}"
             return UpstreamFailure("upstream_tls", cause)
-        if judged.via:
-            if message.startswith("Upstream proxy"):
-                return UpstreamFailure("upstream_proxy", f"{message} (for {target})")
-            if (failure := connect_failure(message, f"the upstream proxy {judged.via}")) is not None:
-                return UpstreamFailure("upstream_proxy", failure.cause)
+        if judged.via and (failure := proxy_failure(message, target, judged.via)) is not None:
+            return failure
         return connect_failure(message, target)
 
     def client_disconnected(self, client: connection.Client) -> None:

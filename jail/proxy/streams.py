@@ -40,6 +40,7 @@ from jail.audit import (
 from jail.model import Decision, Request
 from jail.proxy.dns import SyntheticNames
 from jail.proxy.guard import AddressGuard
+from jail.proxy.upstream import TunnelRefused, UpstreamProxies, open_tunnel
 
 logger = logging.getLogger("jail.streams")
 
@@ -192,11 +193,20 @@ class Relayed:
 class TcpStreams:
     """Judges a plain TCP stream once, by name, and relays it when allowed; one audit record each."""
 
-    def __init__(self, decide: Decide, audit: AuditSink, guard: AddressGuard, names: SyntheticNames) -> None:
+    def __init__(
+        self,
+        decide: Decide,
+        audit: AuditSink,
+        guard: AddressGuard,
+        names: SyntheticNames,
+        upstream: UpstreamProxies | None = None,
+    ) -> None:
         self.decide = decide
         self.audit = audit
         self.guard = guard
         self.names = names
+        # A corporate proxy: allowed streams leave through its CONNECT, as HTTPS does.
+        self.upstream = upstream or UpstreamProxies()
 
     async def serve(
         self, conn: socket.socket, destination: tuple[str, int], client: str, said: bytes, started: float
@@ -233,18 +243,36 @@ class TcpStreams:
         conn.close()
 
     async def _connect_and_relay(self, conn: socket.socket, request: Request) -> Outcome:
-        address, refusal = await self.guard.choose(request.host, request.port)
-        if address is None:
+        proxy = self.upstream.route(request.scheme, request.host, request.port)
+        if proxy is not None:
+            # The proxy resolves the name; the guard checks what it can know here (as for HTTPS).
+            address, refusal = "", await self.guard.screen(request.host, request.port)
+        else:
+            found, refusal = await self.guard.choose(request.host, request.port)
+            address = found or ""
+        if refusal is not None or not (address or proxy):
             assert refusal is not None
             conn.close()
             return Outcome(
                 error=refusal.reason, address=refusal.address, reason_code=refusal.reason_code, end=STREAM_END_REFUSED
             )
+        via = str(proxy or "")
         try:
-            server = await asyncio.wait_for(asyncio.open_connection(address, request.port), DIAL_SECONDS)
+            if proxy is not None:
+                dial = open_tunnel(proxy, request.host, request.port)
+            else:
+                dial = asyncio.open_connection(address, request.port)
+            server = await asyncio.wait_for(dial, DIAL_SECONDS)
+        except TunnelRefused as refused:
+            conn.close()
+            error = f"the upstream proxy {proxy} refused CONNECT {request.authority}: {refused}"
+            return Outcome(error=error, via=via, reason_code="upstream_proxy", end=STREAM_END_REFUSED)
         except (OSError, TimeoutError) as exc:
             conn.close()
             problem = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            if proxy is not None:
+                error = f"cannot connect to the upstream proxy {proxy}: {problem}"
+                return Outcome(error=error, via=via, reason_code="upstream_proxy", end=STREAM_END_REFUSED)
             code = "upstream_refused" if isinstance(exc, ConnectionRefusedError) else "upstream_connect"
             end = STREAM_END_REFUSED if isinstance(exc, ConnectionRefusedError) else stream_error(problem)
             return Outcome(
@@ -264,6 +292,7 @@ class TcpStreams:
             bytes_up=relayed.bytes_up,
             bytes_down=relayed.bytes_down,
             address=address,
+            via=via,
             end=relayed.end,
             reason_code=relayed.refused,
             error=LATE_HANDSHAKE_REASON if relayed.refused else "",

@@ -6,6 +6,7 @@ Only `http://` proxies: HTTPS requests go through them with CONNECT, plain HTTP 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import logging
@@ -21,6 +22,8 @@ logger = logging.getLogger("jail.proxy")
 # Which variable serves which scheme; the lower-case one wins, as in curl and requests.
 PROXY_VARIABLES = {"https": ("https_proxy", "HTTPS_PROXY"), "http": ("http_proxy", "HTTP_PROXY")}
 NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
+# A plain TCP stream goes where HTTPS goes: through the proxy's CONNECT.
+STREAM_ROUTE = {"tcp": "https"}
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,8 @@ class UpstreamProxies:
         return bool(self.by_scheme)
 
     def route(self, scheme: str, host: str, port: int) -> ProxyServer | None:
-        proxy = self.by_scheme.get(scheme)
+        """The proxy a request of `scheme` leaves through (`tcp`: a stream, tunnelled like HTTPS)."""
+        proxy = self.by_scheme.get(STREAM_ROUTE.get(scheme, scheme))
         if proxy is None or self.bypass.matches(host, port):
             return None
         return proxy
@@ -163,6 +167,37 @@ class UpstreamProxies:
             except ValueError as exc:
                 logger.warning("ignoring %s: %s", name, exc)
         return cls(by_scheme, bypass)
+
+
+class TunnelRefused(Exception):
+    """The upstream proxy answered CONNECT with something other than 2xx (its status line), or nothing."""
+
+
+async def open_tunnel(proxy: ProxyServer, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to `host:port` through the proxy's CONNECT, by name (the proxy resolves it). What
+    the server says first (an SSH banner) may come in the same segment as the answer: it stays unread.
+    Raises OSError when the proxy cannot be reached, TunnelRefused when it will not connect."""
+    reader, writer = await asyncio.open_connection(*proxy.address)
+    try:
+        authority = format_authority("tcp", host, port)
+        head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+        if proxy.authorization:
+            head += f"Proxy-Authorization: {proxy.authorization}\r\n"
+        writer.write(head.encode() + b"\r\n")
+        try:
+            answer = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            raise TunnelRefused("an answer without an end (over 64 KiB)") from None
+        except asyncio.IncompleteReadError:
+            raise TunnelRefused("the connection closed without an answer") from None
+        status = answer.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = status.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].startswith("2"):
+            raise TunnelRefused(status or "an empty answer")
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
 
 
 def is_proxy_setting(name: str) -> bool:
