@@ -1,12 +1,15 @@
-"""The byte path of large bodies through mitmproxy: fewer copies and fewer trips down its layers.
+"""The byte path of large bodies through mitmproxy: fewer copies, fewer trips down its layers, fewer
+system calls. Each piece is measured in bench/RESULTS.md (1 GB through `jail --server`, before and after).
 
-A body byte read from a socket was copied five times in user space before it was sent on: into the
-StreamReader's buffer, out of it (`read`), into h11's receive buffer, out of it, and once more into
-`bytes`. py-spy of a 1 GB plain-HTTP download through `jail --server` put 55 % of the proxy's time in
-those copies. Here a read hands on the `bytes` objects the socket gave (joined only when several small
-ones are waiting), and a Content-Length body the parser has nothing buffered for goes on as it came.
+- Reads hand on the `bytes` objects the socket gave (ChunkReader), and a read wholly inside a
+  Content-Length body skips h11's receive buffer: a byte was copied five times in user space before.
+- HTTP/2: DATA frames to a client go in runs (`frame_h2_data_in_runs`); the frames of one stream in one
+  read from a client go on as one event (`join_h2_data_frames`); h2's per-frame repr costs what it shows.
+- TLS: what OpenSSL encrypted leaves in one socket write.
+- Memory: glibc keeps freed bulk buffers instead of paging fresh ones in for every block.
+
 What the stream callables see is unchanged: the same bytes, in chunks of the same or larger size, so the
-audit's byte counts, `max_tx_bytes` and secret masking work as before.
+audit's byte counts, `max_tx_bytes` and secret masking work as before. mitmproxy 11.0 and 12.x alike.
 """
 
 from __future__ import annotations
@@ -306,3 +309,14 @@ def join_h2_data_frames() -> None:
 
     receive_data.jail_joins_frames = True  # type: ignore[attr-defined]
     BufferedH2Connection.receive_data = receive_data  # type: ignore[method-assign]
+
+
+def install() -> None:
+    """Every change above, once per process (each is idempotent)."""
+    read_in_chunks()
+    pass_bodies_through()
+    frame_h2_data_in_runs()
+    join_h2_data_frames()
+    describe_frames_cheaply()
+    send_tls_output_whole()
+    keep_freed_memory()

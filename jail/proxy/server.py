@@ -30,16 +30,8 @@ from mitmproxy.proxy.layers.http._http1 import Http1Client
 from mitmproxy.proxy.mode_servers import ServerInstance
 
 from jail.model import JailError
+from jail.proxy import bulk
 from jail.proxy.addon import PolicyAddon
-from jail.proxy.bulk import (
-    describe_frames_cheaply,
-    frame_h2_data_in_runs,
-    join_h2_data_frames,
-    keep_freed_memory,
-    pass_bodies_through,
-    read_in_chunks,
-    send_tls_output_whole,
-)
 
 
 def skip_debug_type_checks() -> None:
@@ -164,13 +156,7 @@ class EmbeddedProxy:
         skip_debug_type_checks()
         send_error_hook_responses()
         frame_converted_request_bodies()
-        read_in_chunks()
-        pass_bodies_through()
-        frame_h2_data_in_runs()
-        send_tls_output_whole()
-        keep_freed_memory()
-        describe_frames_cheaply()
-        join_h2_data_frames()
+        bulk.install()
         # No mode of mitmproxy's own: it would bind listeners; jail serves the sockets it was given.
         opts = options.Options(confdir=str(self.settings.ca_dir), mode=[])
         self.master = Master(opts)
