@@ -510,19 +510,7 @@ def main(
         raise click.UsageError("--ui-file goes with --ui")
     if ui_file is not None and config.filesystem is None:
         raise click.UsageError("--ui-file needs the filesystem restrictions: the command could read the page's token")
-    if explain:
-        from jail.explain import explain as explain_text
-
-        click.echo(explain_text(config))
-        sys.exit(0)
-    if test_url is not None:
-        try:
-            config.test_request = Request.from_url(test_url, test_method)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--test") from None
-        if command:
-            raise click.UsageError("--test takes no command")
-        sys.exit(asyncio.run(check_rule(config)))
+    # Checked before --explain, which then says what this server would be.
     if server:
         if command:
             raise click.UsageError("--server takes no command")
@@ -540,8 +528,21 @@ def main(
         )
         if given := [name for name, value in (*server_only, ("--require-client", require_client)) if value]:
             raise click.UsageError(f"{given[0]} only goes with --server")
-        if not command:
-            raise click.UsageError("no command given: jail [OPTIONS] -- COMMAND [ARGS...]")
+    if explain:
+        from jail.explain import explain as explain_text
+
+        click.echo(explain_text(config))
+        sys.exit(0)
+    if test_url is not None:
+        try:
+            config.test_request = Request.from_url(test_url, test_method)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--test") from None
+        if command:
+            raise click.UsageError("--test takes no command")
+        sys.exit(asyncio.run(check_rule(config)))
+    if not server and not command:
+        raise click.UsageError("no command given: jail [OPTIONS] -- COMMAND [ARGS...]")
     leave(asyncio.run(Session(config).run()))
 
 

@@ -63,7 +63,8 @@ def explain(config: JailConfig) -> str:
     lines += _ask_lines(config)
     if config.fail_on_deny:
         lines.append("fail on deny (--fail-on-deny): exit non-zero if any request was (or would have been) denied")
-    lines.append(f"mode: {_mode(config)}")
+    mode = _mode(config)
+    lines.append(f"mode: {mode}")
     lines += _logs(config)
     if config.timeout is not None:
         lines.append(f"timeout: the command is killed after {config.timeout:g} s (exit 124)")
@@ -72,7 +73,7 @@ def explain(config: JailConfig) -> str:
         lines.append(f"private ranges the proxy may reach (--allow-private): {', '.join(private)}")
     lines.append(
         "address guard: loopback, link-local/metadata, multicast, broadcast and jail's own addresses are refused"
-        + ("; private ranges too" if not _mode(config).startswith("weak") else "")
+        + ("; private ranges too" if not mode.startswith(("weak", "none")) else "")
     )
     for secret in config.secrets:
         # Names and hosts only: the value never appears here.
@@ -82,7 +83,8 @@ def explain(config: JailConfig) -> str:
     lines.append(_upstream(config))
     lines.extend(_clients(config))
     lines.extend(_profile(config))
-    lines.extend(_filesystem(config))
+    if not config.server:  # the proxy alone confines nothing
+        lines.extend(_filesystem(config))
     return "\n".join(lines)
 
 
@@ -143,7 +145,12 @@ def _ask_lines(config: JailConfig) -> list[str]:
 
 def _what_runs(config: JailConfig) -> str:
     if config.server:
-        return "command: none; would run only the proxy (--server), for programs started separately"
+        host, port = config.listen
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        workers = f", in {config.workers} processes sharing it (--workers)" if config.workers > 1 else ""
+        return (
+            f"command: none; would run only the proxy (--server) on {address}{workers}, for programs started separately"
+        )
     if config.command:
         return f"command: would run {shlex.join(config.command)}"
     return "command: none given (a real run needs one: jail [OPTIONS] -- COMMAND [ARGS...])"
@@ -246,6 +253,9 @@ def _upstream(config: JailConfig) -> str:
 def _mode(config: JailConfig) -> str:
     from jail.model import JailError
     from jail.platform import choose_mode
+
+    if config.server:
+        return "none (--server): nothing is confined; what programs send to the proxy is judged, and only that"
 
     try:
         mode, reason = choose_mode(config.weak, config.user, config.docker_run, config.allow_weak)

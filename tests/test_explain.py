@@ -162,3 +162,18 @@ def test_mode_names_the_rootless_jail_for_a_user_without_root(monkeypatch) -> No
     monkeypatch.setattr(rootless, "rootless_unavailable", lambda: "unprivileged user namespaces are disabled")
     assert _mode(JailConfig()).startswith("none, so a real run would fail: cannot isolate the command")
     assert _mode(JailConfig(allow_weak=True)).startswith("weak (unprivileged user namespaces are disabled)")
+
+
+def test_a_server_says_its_address_and_workers_and_that_it_confines_nothing() -> None:
+    result = explain("--server", "--listen", "127.0.0.1:9099", "--workers", "2", "--js", "true")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "would run only the proxy (--server) on 127.0.0.1:9099, in 2 processes sharing it (--workers)" in out
+    assert "mode: none (--server): nothing is confined" in out
+    assert "private ranges too" not in out  # a server's guard refuses what a weak jail's refuses
+    assert "filesystem (Landlock)" not in out
+
+
+def test_a_server_flag_without_server_is_refused_before_explaining() -> None:
+    result = explain("--workers", "2", "--js", "true", "--", "true")
+    assert result.returncode != 0 and "--workers only goes with --server" in result.stderr
