@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -259,3 +260,26 @@ def test_the_file_is_masked_whatever_the_proxy_missed(tmp_path: Path) -> None:
     content = entry["response"]["content"]
     assert content["encoding"] == "base64"
     assert base64.b64decode(content["text"]) == b"\xff\x00" + secret.placeholder.encode()
+
+
+def test_entries_are_set_aside_on_disk_and_written_in_the_order_requests_started(tmp_path: Path) -> None:
+    """A long run with bodies does not hold them in memory: each entry goes to a spool file as it comes;
+    the HAR lists them by start time, whatever order they ended in."""
+    har = tmp_path / "long.har"
+    har_sink = HarSink(har, bodies=True)
+    sink = AuditSink("0123abcd", sinks=[har_sink])
+    body = bytes(range(256)) * 4096  # 1 MiB, the most a body keeps
+    starts = [1700000000.0 + n for n in (5, 1, 4, 2, 3)]
+    for start in starts:
+        exchange = Exchange("HTTP/1.1", "OK", [("content-type", "application/octet-stream")], None, body)
+        request = Request.from_url(f"https://example.com/{start}")
+        sink.record(start, request, Decision.allowed(), Outcome(200, exchange=exchange))
+    spooled = os.fstat(har_sink._spool.fileno()).st_size
+    assert spooled > 5 * len(body)  # the bodies (base64) are on disk, not in the sink's memory
+    sink.close()
+    entries = read_har(har)["log"]["entries"]
+    assert [entry["request"]["url"] for entry in entries] == [
+        f"https://example.com/{start}" for start in sorted(starts)
+    ]
+    assert all(base64.b64decode(entry["response"]["content"]["text"]) == body for entry in entries)
+    assert not list(tmp_path.glob(".long.har.*"))

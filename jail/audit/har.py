@@ -6,9 +6,11 @@ audit log's, only with --log-header-values; bodies only with --har-bodies, as th
 secrets are placeholders there, and every string of the file is masked once more on its way in (any
 secret's real value back to its placeholder).
 
-The entries are kept in memory and the file is written once, at the end of the run, through a temporary
-file renamed over FILE: a reader never sees half a file. A run ended by SIGINT, SIGTERM or SIGHUP writes
-it during jail's teardown; a SIGKILLed jail leaves no HAR (and no partial one).
+Each entry is masked and set aside as it comes, in an unnamed temporary file next to FILE (a long run
+with bodies would otherwise hold every body in memory: up to 1 MiB each). The file is written once, at
+the end of the run, the entries in the order their requests started, through a temporary file renamed
+over FILE: a reader never sees half a file. A run ended by SIGINT, SIGTERM or SIGHUP writes it during
+jail's teardown; a SIGKILLed jail leaves no HAR (and no partial one).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import parse_qsl
 
 from jail import __version__
@@ -58,27 +60,38 @@ class HarSink:
         # Every secret's real value back to its placeholder: a value that slipped past the proxy's own
         # masking (a server that echoed it where no masker ran) still never reaches the file.
         self.mask = mask or _unmasked
-        self.records: list[Record] = []
+        # The entries, as JSON, one after the other; and where each is: (started, offset, length).
+        self._spool = tempfile.TemporaryFile(dir=path.parent)  # noqa: SIM115 (open until close())
+        self._index: list[tuple[float, int, int]] = []
+        self._failure: OSError | None = None
 
     def write(self, record: Record) -> None:
-        self.records.append(record)
+        if self._failure is not None:
+            return
+        entry = json.dumps(self._masked(self._entry(record)), indent=1).encode("utf-8", "surrogateescape")
+        try:
+            offset = self._spool.seek(0, os.SEEK_END)
+            self._spool.write(entry)
+        except OSError as exc:  # a full disk: said once, at the end, instead of a file missing entries
+            self._failure = exc
+            return
+        self._index.append((record.started, offset, len(entry)))
 
     def close(self) -> None:
         try:
-            self._write_atomically(json.dumps(self._masked(self.document()), indent=1))
+            if self._failure is not None:
+                raise self._failure
+            self._write_atomically()
         except OSError as exc:
             logger.error("--har: cannot write %s: %s", self.path, exc.strerror or exc)
+        finally:
+            self._spool.close()
 
-    def document(self) -> dict[str, Any]:
-        entries = [self._entry(record) for record in sorted(self.records, key=lambda record: record.started)]
-        creator = {"name": "jail", "version": __version__}
-        return {"log": {"version": HAR_VERSION, "creator": creator, "entries": entries}}
-
-    def _write_atomically(self, text: str) -> None:
+    def _write_atomically(self) -> None:
         descriptor, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-                file.write(text)
+            with os.fdopen(descriptor, "wb") as file:
+                self._write_document(file)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, self.path)
@@ -86,6 +99,15 @@ class HarSink:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
+
+    def _write_document(self, file: BinaryIO) -> None:
+        """The HAR document around the entries, each read back from the spool in the order requests started."""
+        creator = json.dumps({"name": "jail", "version": __version__})
+        file.write(f'{{"log": {{"version": "{HAR_VERSION}", "creator": {creator}, "entries": [\n'.encode())
+        for number, (_, offset, length) in enumerate(sorted(self._index)):
+            self._spool.seek(offset)
+            file.write((b",\n" if number else b"") + self._spool.read(length))
+        file.write(b"\n]}}\n")
 
     def _masked(self, value: Any) -> Any:
         """Every string in the document, masked (each before JSON escapes it, so a value is found as it is)."""
