@@ -56,15 +56,17 @@ def parse_hey(text: str) -> HeyRun:
     )
 
 
-def run_hey(hey: str, url: str, seconds: float, concurrency: int, proxy_port: int | None) -> HeyRun:
-    """hey for `seconds` (-z) at `concurrency`, keep-alive on, through the proxy when a port is given."""
+def run_hey(
+    hey: str, url: str, seconds: float, concurrency: int, proxy_port: int | None, threads: int | None = None
+) -> HeyRun:
+    """hey for `seconds` (-z) at `concurrency`, keep-alive on, through the proxy when a port is given; with
+    `threads`, Go runs its goroutines on that many OS threads (GOMAXPROCS)."""
     argv = [hey, "-z", f"{seconds:g}s", "-c", str(concurrency), "-t", str(HEY_REQUEST_TIMEOUT_S)]
     if proxy_port is not None:
         argv += ["-x", f"http://{PROXY_HOST}:{proxy_port}"]
+    env = clean_environment() | ({"GOMAXPROCS": str(threads)} if threads else {})
     try:
-        done = subprocess.run(
-            [*argv, url], capture_output=True, text=True, timeout=HEY_RUN_TIMEOUT_S, env=clean_environment()
-        )
+        done = subprocess.run([*argv, url], capture_output=True, text=True, timeout=HEY_RUN_TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired:
         return HeyRun(None, failure=f"hey killed after {HEY_RUN_TIMEOUT_S} s")
     result = parse_hey(done.stdout)

@@ -17,6 +17,9 @@ from bench.hey import HeyRun, run_hey
 from bench.report import Verdict, fmt, fmt_ms, ratio
 
 CONCURRENCY = 50
+# hey on one OS thread: with Go's default of one per core it took 0.29-0.31 of this machine's 2 cores to
+# drive 2 workers (0.10-0.22 on one thread, never its limit), cores the system under test then lacked.
+HEY_THREADS = 1
 WORKER_COUNTS = (1, 2)
 TARGET_SPEEDUP = 1.6
 
@@ -105,7 +108,9 @@ class WorkersCell(Cell):
             pid = started_pid(bench)
             self.targets_.append(WorkersTarget(count, port, pid))
         for target in self.targets_:  # warm-up: connections, leaf certificates, each worker's caches
-            run = run_hey(bench.tools["hey"], bench.upstream().url("https", "/"), 2, CONCURRENCY, target.port)
+            run = run_hey(
+                bench.tools["hey"], bench.upstream().url("https", "/"), 2, CONCURRENCY, target.port, HEY_THREADS
+            )
             if run.failure or run.bad or not run.total:
                 raise BenchError(f"warm-up of --workers {target.workers} failed: {run.failure or run.statuses}")
 
@@ -118,9 +123,8 @@ class WorkersCell(Cell):
             processes = jail_processes(target.pid)
             jail_before, hey_before, idle_before = cpu_seconds(processes), children_cpu_seconds(), idle_seconds()
             started = time.monotonic()
-            run = run_hey(
-                bench.tools["hey"], bench.upstream().url("https", "/"), self.duration(bench), CONCURRENCY, target.port
-            )
+            url = bench.upstream().url("https", "/")
+            run = run_hey(bench.tools["hey"], url, self.duration(bench), CONCURRENCY, target.port, HEY_THREADS)
             wall = time.monotonic() - started
             measured = WorkersRun(
                 run,
@@ -183,7 +187,8 @@ class WorkersCell(Cell):
         if not results["rows"]:
             return []
         out = [
-            f"**Workers** (`jail --server --js true --workers N`, `hey -c {results['concurrency']}` keep-alive over "
+            f"**Workers** (`jail --server --js true --workers N`, `GOMAXPROCS={HEY_THREADS} hey -c "
+            f"{results['concurrency']}` keep-alive over "
             f"intercepted HTTPS to nginx, {results['duration_s']:g} s per run, 1 and 2 workers alternated, medians; "
             f"hey runs on the same {results['cores']} cores: its CPU is shown)",
             "",
