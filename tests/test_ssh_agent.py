@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from jail.platform.netns import strong_mode_unavailable
 from jail.platform.rootless import rootless_unavailable
 from tests import test_git_ssh
-from tests.conftest import wait_for
+from tests.conftest import wait_for, weak_and_strong
 from tests.test_git_ssh import ALLOW_SSH, CLONE_AND_PUSH, GIT_NAME, SshServer, git_environment, sshd  # noqa: F401
 from tests.test_rootless import user  # noqa: F401 (the rootless test user, a fixture)
 
@@ -34,10 +33,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("ssh-agent") is None, reason="needs openssh-client"),
 ]
 
-MODES = [
-    pytest.param(["--weak"], id="weak"),
-    pytest.param([], id="strong", marks=pytest.mark.skipif(os.geteuid() != 0, reason="strong mode needs root")),
-]
+MODES = weak_and_strong()
 ABSTRACT_NAME = "jail-test-docker-stand-in"
 RACES = 300
 
@@ -294,8 +290,6 @@ def test_git_clone_and_push_with_the_key_only_in_the_agent(
     tmp_path,
     mode,
 ):
-    if not mode and (unavailable := strong_mode_unavailable()) is not None:
-        pytest.skip(f"strong mode unavailable: {unavailable}")
     project = tmp_path / "project"
     project.mkdir()
     audit = tmp_path / "audit.jsonl"
@@ -329,8 +323,6 @@ def test_a_denied_host_gets_no_connection_and_no_signature(
     tmp_path,
     mode,
 ):
-    if not mode and (unavailable := strong_mode_unavailable()) is not None:
-        pytest.skip(f"strong mode unavailable: {unavailable}")
     audit = tmp_path / "audit.jsonl"
     before = sshd.connections()
     result = run_jail(

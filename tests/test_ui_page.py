@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from tests.conftest import PYTHON, UPSTREAM_HOST, jail_argv, wait_for, weak_and_strong
+from tests.test_approvals import Run
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +135,7 @@ def browser(tmp_path):
     devtools.close()
 
 
-class Jail:
+class Jail(Run):
     """`jail --ui --ui-file` in the background, in a session of its own: it has no terminal."""
 
     def __init__(self, tmp_path: Path, env: dict[str, str], test_ca_file: Path, *args: str) -> None:
@@ -144,28 +145,13 @@ class Jail:
         self.audit = tmp_path / "audit.jsonl"
         base = ["--upstream-ca", str(test_ca_file), "--allow-private", f"{UPSTREAM_HOST}/32"]
         base += ["--ui", "--ui-file", str(self.ui_file), "--audit-log", str(self.audit)]
-        self.process = subprocess.Popen(
-            jail_argv(*base, *args),
-            env=env,
-            cwd=tmp_path,  # --ask makes ./jail-approved.toml, which a killed jail leaves behind
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        # cwd: --ask makes ./jail-approved.toml, which a killed jail leaves behind.
+        super().__init__([*base, *args], env, cwd=tmp_path, start_new_session=True)
         assert wait_for(lambda: self.ui_file.exists() and self.ui_file.read_text().endswith("\n"), 30), self.finish()
         self.address = self.ui_file.read_text().strip()
         self.base, _, query = self.address.partition("?")
         self.token = query.removeprefix("token=")
         self.port = int(self.base.rsplit(":", 1)[1].strip("/"))
-
-    def finish(self, timeout: float = 30) -> tuple[int, str, str]:
-        try:
-            out, err = self.process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            out, err = self.process.communicate()
-        return self.process.returncode, out, err
 
     def stop(self) -> None:
         """Ended like Ctrl-C ends it, else killed with its command (which would hold the output pipes open)."""
